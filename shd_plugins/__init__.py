@@ -1,0 +1,8 @@
+"""Squeezing-Heads Distillation (SHD) for timm Vision Transformers and diffusers DiTs."""
+from .heads import GROUPING_MODES, head_groups, merge_schedule
+from .losses import (
+    LOSS_TYPES, attention_map_loss, logit_kd_loss, output_mse_loss, resolve_loss_weights, shd_loss,
+)
+from .merge import MERGE_MODES, merge_heads
+
+__version__ = '0.1.0'
