@@ -1,5 +1,8 @@
 """Squeezing-Heads Distillation (SHD) for timm Vision Transformers and diffusers DiTs."""
+from .capture import AttentionCapture, CapturedAttention, find_attention_layers
+from .distiller import SHDDistiller, SHDOutput
 from .heads import GROUPING_MODES, head_groups, merge_schedule
+from .layer_mapping import resolve_layer_pairs
 from .losses import (
     LOSS_TYPES, attention_map_loss, logit_kd_loss, output_mse_loss, resolve_loss_weights, shd_loss,
 )
