@@ -1,0 +1,195 @@
+"""SHDDistiller on real timm ViTs and diffusers DiTs."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.layers import set_reentrant_ckpt
+
+from shd_plugins import SHDDistiller
+from tiny_models import dit_inputs, tiny_dit, tiny_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def vit_step(distiller, teacher, student, x):
+    distiller.teacher_forward(x)
+    student(x)
+    return distiller.compute_loss()
+
+
+def test_gradients_reach_student_qk_projections_and_nothing_of_the_teacher():
+    teacher, student = tiny_vit(num_heads=8, depth=4, embed_dim=64), tiny_vit(num_heads=2, seed=1)
+    for p in teacher.parameters():
+        p.requires_grad_(True)  # even a trainable-looking teacher must get no gradient
+    with SHDDistiller(teacher, student, temperature=2.0) as distiller:
+        out = vit_step(distiller, teacher, student, torch.randn(2, 3, 32, 32))
+        out.loss.backward()
+    assert distiller.layer_pairs == [(1, 0), (3, 1)]
+    for block in student.blocks:
+        grad = block.attn.qkv.weight.grad
+        dim = grad.shape[1]
+        assert grad[:2 * dim].abs().sum() > 0  # q and k rows
+        torch.testing.assert_close(grad[2 * dim:], torch.zeros_like(grad[2 * dim:]))  # v rows: SHD only trains q/k
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_dit_distillation_trains_the_student_to_the_squeezed_maps():
+    teacher, student = tiny_dit(num_heads=8, num_layers=4), tiny_dit(num_heads=2, num_layers=2, seed=1)
+    teacher.eval()
+    distiller = SHDDistiller(teacher, student, weight=1.0)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    inputs = dit_inputs(batch=4)
+    losses = []
+    for _ in range(30):
+        distiller.teacher_forward(**inputs)
+        student(**inputs)
+        loss = distiller.compute_loss().loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    distiller.remove()
+
+
+def test_the_teacher_is_never_modified():
+    teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
+    teacher.train()  # whatever mode the user left it in stays
+    before, hooks_before = snapshot(teacher), hook_count(teacher)
+    distiller = SHDDistiller(teacher, student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    for _ in range(2):
+        out = vit_step(distiller, teacher, student, torch.randn(2, 3, 32, 32))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    distiller.remove()
+    assert teacher.training
+    assert hook_count(teacher) == hooks_before == 0 and hook_count(student) == 0
+    after = snapshot(teacher)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def grads_of_shd(teacher, student, x, **kwargs):
+    student.zero_grad()
+    with SHDDistiller(teacher, student, **kwargs) as distiller:
+        vit_step(distiller, teacher, student, x).loss.backward()
+    return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    reference = grads_of_shd(teacher, student, x)
+    student.set_grad_checkpointing(True)
+    set_reentrant_ckpt(False)
+    checkpointed = grads_of_shd(teacher, student, x)
+    assert reference.keys() == checkpointed.keys()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7)
+
+
+def test_reentrant_checkpointing_is_refused_clearly():
+    teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
+    student.set_grad_checkpointing(True)
+    set_reentrant_ckpt(True)
+    try:
+        with pytest.raises(RuntimeError, match=r'reentrant gradient checkpointing \(use_reentrant=True\)'):
+            grads_of_shd(teacher, student, torch.randn(2, 3, 32, 32))
+    finally:
+        set_reentrant_ckpt(False)
+
+
+def test_diffusers_gradient_checkpointing_gives_the_same_gradients():
+    teacher, student = tiny_dit(num_heads=4), tiny_dit(num_heads=2, seed=1)
+    teacher.eval(), student.eval()  # DiT label embeddings drop labels at random in train mode; checkpointing still runs
+    inputs = dit_inputs()
+
+    def grads():
+        student.zero_grad()
+        with SHDDistiller(teacher, student) as distiller:
+            distiller.teacher_forward(**inputs)
+            student(**inputs)
+            distiller.compute_loss().loss.backward()
+        return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    reference = grads()
+    student.enable_gradient_checkpointing()
+    checkpointed = grads()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7)
+
+
+def test_an_ema_copy_made_after_installation_does_not_disturb_the_step():
+    teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    distiller = SHDDistiller(teacher, student)
+    ema = timm.utils.ModelEmaV3(student, decay=0.9)
+    distiller.teacher_forward(x)
+    student(x)
+    expected = distiller.compute_loss().loss
+    distiller.teacher_forward(x)
+    student(x)
+    ema.module(torch.randn(2, 3, 32, 32))  # the EMA copy's forward between student forward and loss
+    torch.testing.assert_close(distiller.compute_loss().loss, expected)
+    distiller.remove()
+
+
+def test_patch_tokens_let_a_distilled_deit_teach_a_vit():
+    torch.manual_seed(0)
+    teacher = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, img_size=32, patch_size=8,
+                                embed_dim=32, depth=2, num_heads=4, num_classes=10)
+    student = tiny_vit(num_heads=2, seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    with SHDDistiller(teacher, student, tokens='patch') as distiller:
+        assert distiller.prefix_tokens == (2, 1)
+        assert torch.isfinite(vit_step(distiller, teacher, student, x).loss)
+    with SHDDistiller(teacher, student, tokens='all') as distiller:
+        with pytest.raises(ValueError, match=r'student \(2, 2, 17, 17\) vs teacher \(2, 4, 18, 18\)'):
+            vit_step(distiller, teacher, student, x)
+
+
+def test_bad_configurations_are_clear_errors():
+    teacher, student = tiny_vit(num_heads=2), tiny_vit(num_heads=4, seed=1)
+    with pytest.raises(ValueError, match=r"Teacher layer 0 \('blocks.0.attn'\) has 2 heads but student layer 0 "):
+        SHDDistiller(teacher, student)
+    teacher = tiny_vit(num_heads=8)
+    with pytest.raises(ValueError, match="Unknown layer spec 'middle'"):
+        SHDDistiller(teacher, student, layers='middle')
+    with pytest.raises(ValueError, match="Unknown tokens 'cls'"):
+        SHDDistiller(teacher, student, tokens='cls')
+    with pytest.raises(ValueError, match='temperature must be > 0'):
+        SHDDistiller(teacher, student, temperature=-1.0)
+    scale_norm_teacher = tiny_vit(num_heads=8, scale_attn_norm=True)
+    with pytest.raises(ValueError, match='scale_norm normalises the concatenated head outputs'):
+        SHDDistiller(scale_norm_teacher, student)
+    SHDDistiller(scale_norm_teacher, student, merge='mean').remove()  # the baselines need no value circuit
+
+
+@pytest.mark.slow
+def test_ddp_two_process_gloo(tmp_path):
+    """Real torchrun, 2 CPU processes: gradients of SHD flow through DDP and are all-reduced."""
+    env = {**os.environ, 'PYTHONPATH': f"{ROOT / 'tests'}{os.pathsep}{ROOT}", 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29611',
+         str(ROOT / 'tests' / 'ddp_shd_worker.py'), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    grads = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    assert grads[0]['loss'] != grads[1]['loss']  # each rank saw its own data
+    for name, grad in grads[0]['grads'].items():
+        torch.testing.assert_close(grad, grads[1]['grads'][name])  # all-reduced
+    assert any(g.abs().sum() > 0 for n, g in grads[0]['grads'].items() if 'qkv' in n)
