@@ -93,8 +93,7 @@ class CapturedAttention:
 
     def logits(self) -> torch.Tensor:
         """Pre-softmax scores ``q k^T * scale`` (B, H, N, N) in float32."""
-        q, k = self.q.float(), self.k.float()
-        return (q @ k.transpose(-2, -1)) * self.scale
+        return (self.q.float() * self.scale) @ self.k.float().transpose(-2, -1)  # scale the smaller (N x d) side
 
 
 def _attention_kind(module: nn.Module) -> Tuple[Optional[str], Optional[str]]:

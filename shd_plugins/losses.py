@@ -158,13 +158,14 @@ def shd_loss(
         teacher_maps = teacher_scores.softmax(-1)
         # Invalid query rows must not steer the merge weights: zero them for the weight computation only.
         weight_maps = teacher_maps if query_mask is None else teacher_maps * query_mask[:, None, :, None]
-        _, alphas = merge_heads(
+        merged, alphas = merge_heads(
             weight_maps, teacher_values.detach(), teacher_out_weight.detach(), student_logits.shape[1],
             grouping=grouping, merge=merge, per_row=per_row)
-        targets = teacher_maps if temperature == 1.0 else (teacher_scores / temperature).softmax(-1)
-        merged, _ = merge_heads(
-            targets, None, None, student_logits.shape[1], grouping=grouping, merge=merge, per_row=per_row,
-            alphas=alphas)
+        if temperature != 1.0 or query_mask is not None:
+            targets = teacher_maps if temperature == 1.0 else (teacher_scores / temperature).softmax(-1)
+            merged, _ = merge_heads(
+                targets, None, None, student_logits.shape[1], grouping=grouping, merge=merge, per_row=per_row,
+                alphas=alphas)
 
     value = attention_map_loss(
         student_logits, merged, temperature=temperature, loss=loss, query_mask=query_mask, key_mask=key_mask)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .heads import MergeSchedule, merge_schedule, num_merges
+from .heads import MergeSchedule, Slot, merge_schedule, num_merges
 
 __all__ = ['MERGE_MODES', 'merge_heads', 'pair_alpha', 'reconstruction_error']
 
@@ -96,10 +96,6 @@ def _check_merge_inputs(
             f'(nn.Linear layout) for {heads} heads of dim {head_dim}, got {tuple(out_weight.shape)}.')
 
 
-def _group_columns(members: Sequence[int], head_dim: int) -> List[int]:
-    return [h * head_dim + i for h in members for i in range(head_dim)]
-
-
 def merge_heads(
         attn: torch.Tensor,
         values: Optional[torch.Tensor],
@@ -142,79 +138,102 @@ def merge_heads(
     alpha_shape = (batch, num_merges(schedule)) + ((tokens,) if per_row else ())
     if alphas is None:
         fill = {'shd': 0.0, 'mean': 0.5, 'select': 1.0}[merge]
-        alphas = attn.new_full(alpha_shape, fill)
+        alphas = attn.new_full(alpha_shape, fill, dtype=torch.promote_types(attn.dtype, torch.float32))
     elif tuple(alphas.shape) != alpha_shape:
         raise ValueError(f'alphas must have shape {alpha_shape} for this merge, got {tuple(alphas.shape)}.')
     alphas = alphas.detach().clone()
 
     if compute_alpha:
         with torch.no_grad():
-            _compute_schedule_alphas(attn.detach(), values.detach(), out_weight.detach(), schedule, alphas,
-                                     per_row)
+            merged, computed = _merge_computing_alphas(
+                attn.detach(), values.detach(), out_weight.detach(), schedule, per_row)
+        alphas.copy_(computed)
+        if not attn.requires_grad:
+            return merged.to(attn.dtype), alphas
     return _apply_schedule(attn, schedule, alphas), alphas
 
 
+def _mix_round(maps: torch.Tensor, round_slots: Sequence[Slot], slot_alpha: torch.Tensor) -> torch.Tensor:
+    """One round for all slots at once: ``a * first + (1 - a) * second``, a = 1 for carried groups.
+
+    Args:
+        maps: Current group maps (B, G, N, N).
+        round_slots: The round's slots over the G groups.
+        slot_alpha: (B, S) or (B, S, N) weight per slot (ignored for carried slots).
+    """
+    first = torch.tensor([slot[0] for slot in round_slots], device=maps.device)
+    second = torch.tensor([slot[-1] for slot in round_slots], device=maps.device)
+    first_maps, second_maps = maps.index_select(1, first), maps.index_select(1, second)
+    weight = slot_alpha.to(maps.dtype)
+    weight = weight[..., None, None] if weight.dim() == 2 else weight[..., None]
+    return torch.lerp(second_maps, first_maps, weight)  # exact at a = 0 and a = 1, unlike q + a * (p - q)
+
+
+def _slot_alphas(alphas: torch.Tensor, round_slots: Sequence[Slot], merge_offset: int) -> torch.Tensor:
+    """Expand one round's merge weights to one weight per slot (1 for carried groups)."""
+    shape = (alphas.shape[0], len(round_slots)) + tuple(alphas.shape[2:])
+    slot_alpha = alphas.new_ones(shape)
+    pair_slots = [i for i, slot in enumerate(round_slots) if len(slot) == 2]
+    slot_alpha[:, pair_slots] = alphas[:, merge_offset:merge_offset + len(pair_slots)]
+    return slot_alpha
+
+
 def _apply_schedule(attn: torch.Tensor, schedule: MergeSchedule, alphas: torch.Tensor) -> torch.Tensor:
-    maps = list(attn.unbind(1))
-    merge_index = 0
+    maps, merge_offset = attn, 0
     for round_slots in schedule:
-        new_maps = []
-        for slot in round_slots:
-            if len(slot) == 1:
-                new_maps.append(maps[slot[0]])
-                continue
-            alpha = alphas[:, merge_index].to(attn.dtype)
-            alpha = alpha[:, None, None] if alpha.dim() == 1 else alpha[:, :, None]
-            new_maps.append(alpha * maps[slot[0]] + (1 - alpha) * maps[slot[1]])
-            merge_index += 1
-        maps = new_maps
-    return torch.stack(maps, dim=1)
+        maps = _mix_round(maps, round_slots, _slot_alphas(alphas, round_slots, merge_offset))
+        merge_offset += sum(len(slot) == 2 for slot in round_slots)
+    return maps
 
 
-def _compute_schedule_alphas(
+def _merge_computing_alphas(
         attn: torch.Tensor,
         values: torch.Tensor,
         out_weight: torch.Tensor,
         schedule: MergeSchedule,
-        alphas: torch.Tensor,
         per_row: bool,
-) -> None:
-    """Fill ``alphas`` in place, merging maps round by round; pairs of equal group sizes are batched."""
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge round by round, computing each pair's weight from the current (already merged) maps.
+
+    Groups are always contiguous head ranges, so a group's values and Gram blocks are slices; pairs whose
+    groups have equal sizes are batched.
+    """
     compute_dtype = torch.promote_types(attn.dtype, torch.float32)
-    attn = attn.to(compute_dtype)
+    maps = attn.to(compute_dtype)
     values = values.to(compute_dtype)
     out_weight = out_weight.to(compute_dtype)
     batch, heads, tokens, head_dim = values.shape
     gram = out_weight.t() @ out_weight  # (M*d, M*d); block (a, b) is W_O^a W_O^b^T
-    flat_values = values.permute(0, 2, 1, 3).reshape(batch, tokens, heads * head_dim)
 
-    maps = list(attn.unbind(1))
-    members: List[List[int]] = [[h] for h in range(heads)]
-    merge_index = 0
+    def group_values(start: int, size: int) -> torch.Tensor:  # (B, N, size*d): V of the merged group
+        return values[:, start:start + size].permute(0, 2, 1, 3).reshape(batch, tokens, size * head_dim)
+
+    def gram_block(start_p: int, size_p: int, start_q: int, size_q: int) -> torch.Tensor:
+        return gram[start_p * head_dim:(start_p + size_p) * head_dim, start_q * head_dim:(start_q + size_q) * head_dim]
+
+    starts, sizes = list(range(heads)), [1] * heads
+    all_alphas = []
     for round_slots in schedule:
-        buckets: Dict[Tuple[int, int], List[Tuple[int, Tuple[int, ...]]]] = defaultdict(list)
-        for slot in round_slots:
-            if len(slot) == 2:
-                buckets[(len(members[slot[0]]), len(members[slot[1]]))].append((merge_index, slot))
-                merge_index += 1
-        merged_maps: Dict[Tuple[int, ...], torch.Tensor] = {}
-        for bucket in buckets.values():
-            indices = [i for i, _ in bucket]
-            cols_p = [_group_columns(members[p], head_dim) for _, (p, _) in bucket]
-            cols_q = [_group_columns(members[q], head_dim) for _, (_, q) in bucket]
-            attn_p = torch.stack([maps[p] for _, (p, _) in bucket], dim=1)  # (B, K, N, N)
-            attn_q = torch.stack([maps[q] for _, (_, q) in bucket], dim=1)
-            delta = attn_p - attn_q
-            delta_vp = delta @ torch.stack([flat_values[..., c] for c in cols_p], dim=1)  # (B, K, N, d_p)
-            delta_vq = delta @ torch.stack([flat_values[..., c] for c in cols_q], dim=1)
-            gram_pp = torch.stack([gram[cp][:, cp] for cp in cols_p])  # (K, d_p, d_p)
-            gram_qq = torch.stack([gram[cq][:, cq] for cq in cols_q])
-            gram_pq = torch.stack([gram[cp][:, cq] for cp, cq in zip(cols_p, cols_q)])
-            alpha = pair_alpha(delta_vp, delta_vq, gram_pp, gram_qq, gram_pq, per_row=per_row)
-            alphas[:, indices] = alpha.to(alphas.dtype)
-            weight = alpha[..., None, None] if not per_row else alpha[..., None]
-            mixed = attn_q + weight * delta
-            for k, (_, slot) in enumerate(bucket):
-                merged_maps[slot] = mixed[:, k]
-        maps = [maps[slot[0]] if len(slot) == 1 else merged_maps[slot] for slot in round_slots]
-        members = [sum((members[i] for i in slot), []) for slot in round_slots]
+        pairs = [slot for slot in round_slots if len(slot) == 2]
+        round_alpha = maps.new_empty((batch, len(pairs)) + ((tokens,) if per_row else ()))
+        buckets: Dict[Tuple[int, int], List[int]] = defaultdict(list)
+        for k, (p, q) in enumerate(pairs):
+            buckets[(sizes[p], sizes[q])].append(k)
+        for (size_p, size_q), members in buckets.items():
+            p_index = torch.tensor([pairs[k][0] for k in members], device=maps.device)
+            q_index = torch.tensor([pairs[k][1] for k in members], device=maps.device)
+            delta = maps.index_select(1, p_index) - maps.index_select(1, q_index)  # (B, K, N, N)
+            values_p = torch.stack([group_values(starts[pairs[k][0]], size_p) for k in members], dim=1)
+            values_q = torch.stack([group_values(starts[pairs[k][1]], size_q) for k in members], dim=1)
+            blocks = [(starts[pairs[k][0]], starts[pairs[k][1]]) for k in members]
+            gram_pp = torch.stack([gram_block(sp, size_p, sp, size_p) for sp, _ in blocks])
+            gram_qq = torch.stack([gram_block(sq, size_q, sq, size_q) for _, sq in blocks])
+            gram_pq = torch.stack([gram_block(sp, size_p, sq, size_q) for sp, sq in blocks])
+            round_alpha[:, members] = pair_alpha(
+                delta @ values_p, delta @ values_q, gram_pp, gram_qq, gram_pq, per_row=per_row)
+        all_alphas.append(round_alpha)
+        maps = _mix_round(maps, round_slots, _slot_alphas(round_alpha, round_slots, 0))
+        starts = [starts[slot[0]] for slot in round_slots]
+        sizes = [sum(sizes[i] for i in slot) for slot in round_slots]
+    empty = maps.new_empty((batch, 0) + ((tokens,) if per_row else ()))
+    return maps, torch.cat(all_alphas, dim=1) if all_alphas else empty
