@@ -26,7 +26,7 @@ object per optimisation step: the loss terms and per-layer SHD losses / merge we
 Example (the digits setting of the demo, CPU):
 
     accelerate launch --num_processes 1 --cpu recipes/train_dit.py \
-      --train_data_dir data/digits/train --resolution 32 \
+      --train_data_dir data/digits/train --resolution 16 \
       --model_config recipes/configs/digits_dit_student_h4.json \
       --shd_teacher_model_name_or_path runs/digits_teacher \
       --train_batch_size 64 --max_train_steps 2000 --output_dir runs/digits_student_h4_shd
