@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .precision import autocast_disabled
+
 __all__ = ['AttentionLayer', 'CapturedAttention', 'AttentionCapture', 'find_attention_layers', 'unwrap_model',
            'num_prefix_tokens']
 
@@ -93,7 +95,8 @@ class CapturedAttention:
 
     def logits(self) -> torch.Tensor:
         """Pre-softmax scores ``q k^T * scale`` (B, H, N, N) in float32."""
-        return (self.q.float() * self.scale) @ self.k.float().transpose(-2, -1)  # scale the smaller (N x d) side
+        with autocast_disabled(self.q):
+            return (self.q.float() * self.scale) @ self.k.float().transpose(-2, -1)  # scale the (N x d) side
 
 
 def _attention_kind(module: nn.Module) -> Tuple[Optional[str], Optional[str]]:

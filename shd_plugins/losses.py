@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .merge import merge_heads
+from .precision import without_autocast
 
 __all__ = [
     'LOSS_TYPES', 'shd_loss', 'attention_map_loss', 'logit_kd_loss', 'output_mse_loss', 'resolve_loss_weights',
@@ -37,6 +38,7 @@ def split_prefix_tokens(prefix_tokens: Union[int, Tuple[int, int]]) -> Tuple[int
     return teacher_prefix, student_prefix
 
 
+@without_autocast
 def attention_map_loss(
         student_logits: torch.Tensor,
         target_maps: torch.Tensor,
@@ -103,6 +105,7 @@ def _check_shd_shapes(
             f'got {tuple(teacher_values.shape)}.')
 
 
+@without_autocast
 def shd_loss(
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
@@ -172,6 +175,7 @@ def shd_loss(
     return (value, alphas) if return_alphas else value
 
 
+@without_autocast
 def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Hinton KD exactly as timm's ``LogitDistillationTask``: batch-mean KL of tempered softmaxes times tau^2."""
     _check_temperature(temperature)
@@ -180,6 +184,7 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return F.kl_div(log_student, log_teacher, reduction='batchmean', log_target=True) * temperature ** 2
 
 
+@without_autocast
 def output_mse_loss(student_output: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
     """MSE between student and (detached) teacher outputs, e.g. DiT noise predictions."""
     if student_output.shape != teacher_output.shape:

@@ -133,3 +133,14 @@ def test_loss_weights_follow_timm_conventions():
     assert resolve_loss_weights(task_loss_weight=0.3) == (0.3, 0.7)
     assert resolve_loss_weights(distill_loss_weight=2.0) == (1.0, 2.0)
     assert resolve_loss_weights(0.5, 2.0) == (0.5, 2.0)
+
+
+def test_losses_stay_float32_under_autocast():
+    logits, values, out_weight = teacher_layer()
+    student_logits = torch.randn(2, 3, 7, 7)
+    reference = shd_loss(student_logits, logits, values, out_weight, temperature=2.0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        inside = shd_loss(student_logits, logits, values, out_weight, temperature=2.0)
+        kd = logit_kd_loss(torch.randn(4, 10), torch.randn(4, 10))
+    assert inside.dtype == torch.float32 and kd.dtype == torch.float32
+    torch.testing.assert_close(inside, reference)  # no silent bf16 matmuls inside

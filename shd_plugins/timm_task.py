@@ -1,0 +1,363 @@
+"""Squeezing-Heads Distillation as a ``timm.task.TrainingTask``.
+
+timm (>= 1.0.23) trains through task objects: ``task(input, target)`` returns a dict whose ``'loss'`` is
+backpropagated. It ships logit, feature and token distillation but no attention-map distillation.
+:class:`SHDDistillationTask` adds it the way timm would: it *is* a :class:`timm.task.LogitDistillationTask`
+(same teacher wrapper, input re-normalisation, weighting modes, DDP, EMA and checkpoint behaviour) whose loss
+gains ``shd_weight * L_SHD`` from an :class:`~shd_plugins.SHDDistiller` hooked on the teacher and the student.
+
+A copy of timm's ``train.py`` offers ``--kd-distill-type shd`` with :func:`add_shd_args` and
+:meth:`SHDDistillationTask.from_args` (see the README).
+"""
+import argparse
+import logging
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models import create_model, get_model_input_config, resolve_model_input_args
+from timm.task import DistillationTeacher, LogitDistillationTask
+from timm.utils import ParseKwargs, unwrap_model
+
+from .distiller import TOKEN_MODES, SHDDistiller
+from .heads import GROUPING_MODES
+from .layer_mapping import LayerSpec
+from .losses import LOSS_TYPES
+from .merge import MERGE_MODES
+
+__all__ = ['SHDDistillationTask', 'create_distillation_teacher', 'add_shd_args', 'KD_DISTILL_TYPES']
+
+_logger = logging.getLogger(__name__)
+
+KD_DISTILL_TYPES = ('logit', 'feature', 'token', 'shd')
+
+
+def _per_channel(values: Union[torch.Tensor, Sequence[float]], in_chans: Optional[int]) -> torch.Tensor:
+    """Mean/std as a (1, C, 1, 1) tensor for ``in_chans`` channels.
+
+    A pretrained cfg always lists 3 values; a 1-channel model is fed data normalised with their mean (timm's
+    ``resolve_input_data_config`` policy), so the task's buffers must match or re-normalisation would broadcast a
+    grey image to 3 channels.
+    """
+    values = torch.as_tensor(values).flatten()
+    if in_chans is not None and values.numel() not in (1, in_chans):
+        values = values.mean().reshape(1)
+    return values.view(1, -1, 1, 1)
+
+
+def create_distillation_teacher(
+        model_name_or_module: Union[str, nn.Module],
+        *,
+        num_classes: Optional[int] = None,
+        in_chans: int = 3,
+        img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        pretrained_path: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        allow_download: bool = False,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+) -> DistillationTeacher:
+    """A timm :class:`~timm.task.DistillationTeacher` whose weights come from a local file, never a silent download.
+
+    timm's ``DistillationTeacher(name)`` downloads hub weights when no path is given and cannot pass model kwargs
+    (a tiny or resized ViT). This builds the model the same way (``pretrained=True`` with a ``file`` overlay, so
+    timm's checkpoint filters, train-checkpoint/EMA unpacking and head handling apply) plus ``model_kwargs``, and
+    wraps it in timm's ``DistillationTeacher``.
+
+    Args:
+        model_name_or_module: timm model name, or a ready teacher module (wrapped as is).
+        num_classes: Classes of the teacher head (the student's, as timm infers).
+        in_chans: Input channels (the student's).
+        img_size: Input size (the student's); given to fixed-size models (ViTs) unless ``model_kwargs`` has one.
+        pretrained_path: Local checkpoint: a state_dict, ``.safetensors`` or a timm train checkpoint
+            (``state_dict_ema`` preferred when present).
+        model_kwargs: Extra ``create_model`` kwargs (``img_size``, ``patch_size``, ``depth``, ...).
+        pretrained_cfg_overlay: Extra pretrained cfg entries (e.g. ``mean``/``std`` of the teacher's training data).
+        allow_download: Without ``pretrained_path``, download the hub weights (needs internet).
+        device: Device of the teacher.
+        dtype: Dtype of the teacher.
+
+    Raises:
+        FileNotFoundError: ``pretrained_path`` does not exist.
+        ValueError: A model name with neither ``pretrained_path`` nor ``allow_download``.
+    """
+    if isinstance(model_name_or_module, nn.Module):
+        return DistillationTeacher(model_name_or_module, device=device, dtype=dtype)
+    name = model_name_or_module
+    if pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise FileNotFoundError(
+                f"Teacher checkpoint '{pretrained_path}' does not exist. Pass the path of a local checkpoint of "
+                f"'{name}' (--kd-checkpoint PATH: a state_dict, .safetensors or a timm train checkpoint).")
+        overlay = dict(file=str(pretrained_path), num_classes=num_classes)
+    elif allow_download:
+        overlay = {}
+    else:
+        raise ValueError(
+            f"Teacher '{name}' has no weights: a randomly initialised teacher teaches nothing. Pass a local "
+            f"checkpoint (--kd-checkpoint PATH, teacher_pretrained_path=...), or allow the hub download "
+            f"(--kd-pretrained, teacher_allow_download=True; needs internet).")
+    overlay.update(pretrained_cfg_overlay or {})
+    _logger.info(f"Creating KD teacher model '{name}' from {pretrained_path or 'pretrained hub weights'}")
+    model = create_model(**resolve_model_input_args(
+        name,
+        {'img_size': img_size, 'in_chans': in_chans},
+        pretrained=True,
+        pretrained_cfg_overlay=overlay or None,
+        num_classes=num_classes,
+        device=device,
+        dtype=dtype,
+        **(model_kwargs or {}),
+    ))
+    return DistillationTeacher(model, device=device, dtype=dtype)
+
+
+class SHDDistillationTask(LogitDistillationTask):
+    """Logit distillation plus Squeezing-Heads attention distillation.
+
+    ``loss = task_w * task_loss + distill_w * kd_loss + shd_weight * shd_loss``, where ``task_w``/``distill_w`` follow
+    ``LogitDistillationTask`` (independent weights when ``distill_loss_weight`` is given, complementary when only
+    ``task_loss_weight`` is, 1/1 otherwise) and ``shd_loss`` is the SHD loss averaged over the distilled layer pairs.
+    Everything but the SHD term is timm's own code: the teacher is timm's ``DistillationTeacher`` (kept in eval
+    mode, fed the input re-normalised for its own mean/std), ``prepare_distributed`` wraps only the student, the EMA
+    and checkpoint state are the student's.
+
+    The :class:`~shd_plugins.SHDDistiller` hooks ``teacher.model`` and the bare student at construction, so build the
+    task before ``prepare_distributed``/``compile`` as timm's ``train.py`` does. EMA copies carry inert hooks.
+
+    Args:
+        student_model: Student ViT with N heads per distilled layer.
+        teacher_model: timm model name, module or ``DistillationTeacher`` with M >= N heads.
+        criterion: Task loss; created from ``criterion_kwargs`` when None.
+        criterion_kwargs: Arguments for ``timm.loss.create_classification_loss``.
+        teacher_pretrained_path: Local teacher checkpoint (required for a model name unless
+            ``teacher_allow_download``).
+        teacher_pretrained_cfg_overlay: Teacher pretrained cfg overrides (e.g. its normalisation).
+        teacher_model_kwargs: Extra ``create_model`` kwargs for a teacher given by name.
+        teacher_allow_download: Download hub weights for a teacher name without a path.
+        loss_type: Logit KD loss ('kl').
+        distill_loss_weight: Weight of the logit KD loss (see weighting above).
+        task_loss_weight: Weight of the task loss (see weighting above).
+        temperature: Logit KD temperature.
+        shd_weight: lambda_SHD.
+        shd_temperature: Temperature of the attention maps.
+        shd_layers: ``'uniform'``, ``'last:K'`` or ``'t:s,...'`` pairs.
+        shd_merge: ``'shd'`` (closed form), ``'mean'`` or ``'select'`` (the paper's ablations).
+        shd_loss: ``'kl'`` or ``'mse'``.
+        shd_tokens: ``'all'``, or ``'patch'`` to drop cls/dist/register tokens (e.g. DeiT-distilled -> ViT).
+        shd_grouping: ``'progressive'`` or ``'balanced'`` merge rounds.
+        shd_per_row: One merge weight per query row.
+        input_mean: Normalisation the data loader applies, when it is not the student's pretrained cfg
+            (``--mean``); used to re-normalise the teacher input.
+        input_std: Likewise for the std.
+        device: Device for task tensors/buffers.
+        dtype: Dtype for task tensors/buffers.
+        verbose: Enable info logging.
+
+    Example::
+
+        task = SHDDistillationTask(
+            student, 'deit_small_patch16_224', teacher_pretrained_path='deit_s.pth',
+            criterion_kwargs=dict(smoothing=0.1), temperature=1.0, shd_weight=1.0, device=device)
+        result = task(input, target)   # {'loss', 'output', 'task_loss', 'kd_loss', 'shd_loss'}
+        result['loss'].backward()
+    """
+
+    def __init__(
+            self,
+            student_model: nn.Module,
+            teacher_model: Union[str, nn.Module, DistillationTeacher],
+            criterion: Optional[nn.Module] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            teacher_pretrained_path: Optional[str] = None,
+            teacher_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+            teacher_model_kwargs: Optional[Dict[str, Any]] = None,
+            teacher_allow_download: bool = False,
+            loss_type: str = 'kl',
+            distill_loss_weight: Optional[float] = None,
+            task_loss_weight: Optional[float] = None,
+            temperature: float = 1.0,
+            shd_weight: float = 1.0,
+            shd_temperature: float = 1.0,
+            shd_layers: LayerSpec = 'uniform',
+            shd_merge: str = 'shd',
+            shd_loss: str = 'kl',
+            shd_tokens: str = 'all',
+            shd_grouping: str = 'progressive',
+            shd_per_row: bool = False,
+            input_mean: Optional[Sequence[float]] = None,
+            input_std: Optional[Sequence[float]] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        student = unwrap_model(student_model)
+        in_chans = getattr(student, 'in_chans', None)
+        if isinstance(teacher_model, str):
+            teacher_model = create_distillation_teacher(
+                teacher_model,
+                num_classes=student.num_classes,
+                in_chans=in_chans if in_chans is not None else 3,
+                img_size=tuple(get_model_input_config(student)['input_size'][1:]),
+                pretrained_path=teacher_pretrained_path,
+                model_kwargs=teacher_model_kwargs,
+                pretrained_cfg_overlay=teacher_pretrained_cfg_overlay,
+                allow_download=teacher_allow_download,
+                device=device,
+                dtype=dtype,
+            )
+        super().__init__(
+            student_model,
+            teacher_model,
+            criterion=criterion,
+            criterion_kwargs=criterion_kwargs,
+            loss_type=loss_type,
+            distill_loss_weight=distill_loss_weight,
+            task_loss_weight=task_loss_weight,
+            temperature=temperature,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
+        )
+        self._match_normalization(student, in_chans, input_mean, input_std)
+
+        self.shd_weight = shd_weight
+        self.distiller = SHDDistiller(
+            self.teacher.model,
+            student,
+            layers=shd_layers,
+            temperature=shd_temperature,
+            weight=1.0,  # lambda_SHD is applied in forward so 'shd_loss' is logged unweighted, like 'kd_loss'
+            merge=shd_merge,
+            loss=shd_loss,
+            grouping=shd_grouping,
+            tokens=shd_tokens,
+            per_row=shd_per_row,
+        )
+        if self.verbose:
+            _logger.info(
+                f'SHDDistillationTask: shd_weight={shd_weight}, shd_temperature={shd_temperature}, '
+                f'layer pairs (teacher, student)={self.distiller.layer_pairs}, merge={shd_merge}, loss={shd_loss}, '
+                f'tokens={shd_tokens}, grouping={shd_grouping}')
+
+    def _match_normalization(
+            self,
+            student: nn.Module,
+            in_chans: Optional[int],
+            input_mean: Optional[Sequence[float]],
+            input_std: Optional[Sequence[float]],
+    ) -> None:
+        """Size the student/teacher mean/std buffers for the real channel count (and the loader's override)."""
+        teacher = unwrap_model(self.teacher.model)
+        teacher_chans = getattr(teacher, 'in_chans', in_chans)
+        if in_chans is not None and teacher_chans != in_chans:
+            raise ValueError(
+                f'The teacher takes {teacher_chans} input channels but the student {in_chans}: both must see the '
+                f'same images. Create the teacher with in_chans={in_chans}.')
+        for name, override in (('student_mean', input_mean), ('student_std', input_std)):
+            values = override if override is not None else getattr(self, name)
+            setattr(self, name, _per_channel(values, in_chans).to(device=self.device, dtype=self.dtype))
+        for name in ('mean_kd', 'std_kd'):
+            buffer = getattr(self.teacher, name)
+            setattr(self.teacher, name, _per_channel(buffer, teacher_chans).to(buffer))
+
+    @classmethod
+    def from_args(
+            cls,
+            args: argparse.Namespace,
+            model: nn.Module,
+            criterion: Optional[nn.Module] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ) -> 'SHDDistillationTask':
+        """Build the task from timm ``train.py`` arguments plus the flags of :func:`add_shd_args`.
+
+        Pass ``train.py``'s ``train_loss_fn`` as ``criterion`` (or ``criterion_kwargs`` for
+        ``create_classification_loss``), as it does for ``LogitDistillationTask``.
+        """
+        return cls(
+            student_model=model,
+            teacher_model=args.kd_model_name,
+            criterion=criterion,
+            criterion_kwargs=criterion_kwargs,
+            teacher_pretrained_path=getattr(args, 'kd_checkpoint', None) or None,
+            teacher_model_kwargs=getattr(args, 'kd_model_kwargs', None),
+            teacher_allow_download=getattr(args, 'kd_pretrained', False),
+            loss_type=getattr(args, 'kd_loss_type', 'kl'),
+            distill_loss_weight=args.distill_loss_weight,
+            task_loss_weight=args.task_loss_weight,
+            temperature=args.kd_temperature,
+            shd_weight=args.shd_weight,
+            shd_temperature=args.shd_temperature,
+            shd_layers=args.shd_layers,
+            shd_merge=args.shd_merge,
+            shd_loss=args.shd_loss,
+            shd_tokens=args.shd_tokens,
+            shd_grouping=getattr(args, 'shd_grouping', 'progressive'),
+            shd_per_row=getattr(args, 'shd_per_row', False),
+            input_mean=getattr(args, 'mean', None),
+            input_std=getattr(args, 'std', None),
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
+        )
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Logit distillation forward (student, then teacher under no_grad) plus the SHD term of the same forwards.
+
+        Returns:
+            ``{'loss', 'output', 'task_loss', 'kd_loss', 'shd_loss'}``; ``shd_loss`` is unweighted.
+        """
+        result = super().forward(input, target)
+        shd_loss = self.distiller.compute_loss().loss  # float32 even under autocast (shd_plugins.precision)
+        result['loss'] = result['loss'] + self.shd_weight * shd_loss
+        result['shd_loss'] = shd_loss
+        return result
+
+    def remove_hooks(self) -> None:
+        """Remove the SHD capture hooks from the teacher and the student."""
+        self.distiller.remove()
+
+
+def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
+    return option in parser._option_string_actions
+
+
+def add_shd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the SHD flags (and the local-teacher flags) to a timm ``train.py``-style parser.
+
+    Adds ``'shd'`` to the choices of an existing ``--kd-distill-type``; flags the parser already has are left alone.
+    """
+    distill_type = parser._option_string_actions.get('--kd-distill-type')
+    if distill_type is not None and distill_type.choices is not None and 'shd' not in distill_type.choices:
+        distill_type.choices = [*distill_type.choices, 'shd']
+
+    group = parser.add_argument_group('SHD attention distillation parameters')
+
+    def add(*flags: str, **kwargs: Any) -> None:
+        if not any(_has_option(parser, f) for f in flags):
+            group.add_argument(*flags, **kwargs)
+
+    add('--kd-model-kwargs', nargs='*', default={}, action=ParseKwargs,
+        help='Extra create_model kwargs of the teacher, k=v (e.g. img_size=32 depth=4)')
+    add('--kd-checkpoint', '--kd-pretrained-path', dest='kd_checkpoint', default=None, type=str, metavar='PATH',
+        help='Local teacher weights (state_dict, .safetensors or timm train checkpoint; EMA weights preferred)')
+    add('--kd-pretrained', action='store_true', default=False,
+        help='Without --kd-checkpoint, download the teacher hub weights (needs internet)')
+    add('--shd-weight', type=float, default=1.0, help='Weight lambda of the SHD loss (default: 1.0)')
+    add('--shd-temperature', type=float, default=1.0, help='Temperature of the attention maps (default: 1.0)')
+    add('--shd-layers', type=str, default='uniform',
+        help="Layer pairs: 'uniform', 'last:K' or teacher:student pairs '11:5,5:2' (default: uniform)")
+    add('--shd-merge', type=str, default='shd', choices=MERGE_MODES,
+        help="Head merge: 'shd' closed form, 'mean' or 'select' ablations (default: shd)")
+    add('--shd-loss', type=str, default='kl', choices=LOSS_TYPES, help='Attention map loss (default: kl)')
+    add('--shd-tokens', type=str, default='all', choices=TOKEN_MODES,
+        help="'all' tokens, or 'patch' to drop cls/dist/register tokens of each model (default: all)")
+    add('--shd-grouping', type=str, default='progressive', choices=GROUPING_MODES,
+        help='Merge rounds: progressive adjacent pairs or balanced groups (default: progressive)')
+    add('--shd-per-row', action='store_true', default=False, help='One merge weight per query row')
+    return parser
