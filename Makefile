@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/python -m shd_plugins.demo $(if $(filter 1,$(QUICK)),--quick,)
+	$(BIN)/python recipes/digits_demo.py $(if $(filter 1,$(QUICK)),--quick,)
 
 clean:
 	rm -rf $(VENV) runs/demo

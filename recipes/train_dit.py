@@ -26,7 +26,7 @@ object per optimisation step: the loss terms and per-layer SHD losses / merge we
 Example (the digits setting of the demo, CPU):
 
     accelerate launch --num_processes 1 --cpu recipes/train_dit.py \
-      --train_data_dir data/digits/train --resolution 16 \
+      --train_data_dir runs/demo/data8/train --resolution 8 \
       --model_config recipes/configs/digits_dit_student_h4.json \
       --shd_teacher_model_name_or_path runs/digits_teacher \
       --train_batch_size 64 --max_train_steps 2000 --output_dir runs/digits_student_h4_shd
@@ -62,6 +62,7 @@ from diffusers.utils.import_utils import is_xformers_available
 from shd_plugins import SHDDistiller, SHDOutput
 from shd_plugins.data import check_imagefolder
 from shd_plugins.losses import output_mse_loss
+from shd_plugins.sampling import resolve_transformer_folder
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -224,13 +225,11 @@ def load_transformer(name_or_path: str, flag: str, revision: Optional[str] = Non
     """A DiT from a model folder (`transformer/` inside), a transformer folder, or a hub id with `transformer/`."""
     local = Path(os.path.expanduser(name_or_path))
     if local.is_dir():
-        if (local / "transformer" / "config.json").is_file():
-            return DiTTransformer2DModel.from_pretrained(local, subfolder="transformer")
-        if (local / "config.json").is_file():
-            return DiTTransformer2DModel.from_pretrained(local)
-        raise ValueError(
-            f"{flag} {name_or_path} holds no DiT: expected {local / 'transformer'}/config.json (a model folder "
-            f"written by this script or DiTPipeline.save_pretrained) or {local / 'config.json'}.")
+        try:
+            transformer_folder, _ = resolve_transformer_folder(local)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{flag} {name_or_path}: {e}") from None
+        return DiTTransformer2DModel.from_pretrained(transformer_folder)
     _check_local_path(name_or_path, flag, "DiT")
     try:
         return DiTTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", revision=revision)

@@ -121,7 +121,7 @@ def _is_transformer_folder(path: Path) -> bool:
     return config.is_file() and _read_json(config).get("_class_name") in _TRANSFORMER_CLASS_NAMES
 
 
-def _resolve_transformer_folder(path: Path) -> tuple[Path, Path | None]:
+def resolve_transformer_folder(path: Path) -> tuple[Path, Path | None]:
     """Returns `(transformer_folder, model_folder)`; `model_folder` is `None` for a bare transformer folder."""
     if not path.exists():
         raise FileNotFoundError(
@@ -198,7 +198,7 @@ def load_dit_components(
     Returns:
         The loaded components, in eval mode.
     """
-    transformer_folder, model_folder = _resolve_transformer_folder(Path(path))
+    transformer_folder, model_folder = resolve_transformer_folder(Path(path))
     sample_config: dict[str, Any] = {}
     if model_folder is not None and (model_folder / "sample_config.json").is_file():
         sample_config = _read_json(model_folder / "sample_config.json")
