@@ -5,17 +5,14 @@ Three training steps are compared for each model and token count:
   (b) + the teacher's forward and logit KD (ViT) / output MSE (DiT),
   (c) + SHD on every student layer.
 Times are medians over interleaved rounds (a, b, c, a, b, c, ...) in one process so that machine noise hits
-all three alike; the report is the ratios c/b and b/a. Peak memory is measured per mode in a fresh
-subprocess (CPU: peak RSS growth during the steps; CUDA: ``max_memory_allocated``).
+all three alike; the report is the ratios c/b and b/a. Memory per mode is the CUDA peak allocation, or on CPU
+the bytes autograd saves for backward in one step (see :func:`memory_of_mode`).
 
     python eval/bench_overhead.py --output runs/bench_overhead.json
 """
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -109,40 +106,36 @@ def time_modes(kind: str, tokens: int, args, device: torch.device) -> Dict[str, 
     return {mode: statistics.median(values) * 1000 for mode, values in times.items()}
 
 
-def peak_memory_of_mode(kind: str, tokens: int, mode: str, args, device: torch.device) -> float:
-    """Peak memory (MiB) of a few steps of one mode; run in its own process on CPU."""
+def memory_of_mode(kind: str, tokens: int, mode: str, args, device: torch.device) -> float:
+    """Memory (MiB) of one step of a mode.
+
+    CUDA: peak allocated bytes above what the models, batch and optimizer state hold. CPU has no allocator
+    statistics and peak RSS is too coarse for a few MiB of difference, so there it is the bytes of the distinct
+    tensors autograd saves for backward during the step: the activation memory, where SHD's recomputed maps land.
+    """
     teacher, student = build_models(kind, tokens, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     batch = make_batch(kind, tokens, args.batch_size, device)
     step = make_step(kind, mode, teacher, student, optimizer, batch)
     distiller = SHDDistiller(teacher, student, layers='uniform') if mode == 'c' else None
-    # Baseline after the models and batch exist; the optimizer state the first step allocates is counted,
-    # alike for all modes.
     if device.type == 'cuda':
+        step(distiller)  # optimizer state exists before the measured step
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for _ in range(3):
         step(distiller)
-    if device.type == 'cuda':
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0) / 2 ** 20
+    saved: Dict[int, int] = {}
 
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
-def measure_memory(kind: str, tokens: int, args, device: torch.device) -> Dict[str, float]:
-    if device.type == 'cuda':
-        return {mode: peak_memory_of_mode(kind, tokens, mode, args, device) for mode in MODES}
-    result = {}
-    for mode in MODES:  # ru_maxrss only grows: one process per mode
-        out = subprocess.run(
-            [sys.executable, __file__, '--_memory_probe', f'{kind}:{tokens}:{mode}',
-             '--batch_size', str(args.batch_size), '--device', str(device)],
-            capture_output=True, text=True, check=True)
-        result[mode] = float(out.stdout.strip().splitlines()[-1])
-    return result
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step(distiller)
+    return sum(saved.values()) / 2 ** 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -155,17 +148,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no_memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--output', type=Path, default=None, help='also write the JSON here')
-    parser.add_argument('--_memory_probe', default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args._memory_probe:
-        kind, tokens, mode = args._memory_probe.split(':')
-        print(peak_memory_of_mode(kind, int(tokens), mode, args, device))
-        return {}
     results = []
     for kind in args.models:
         for tokens in args.tokens:
@@ -175,12 +163,15 @@ def main(argv=None) -> dict:
                    'time_ratio_c_over_b': round(times['c'] / times['b'], 4),
                    'time_ratio_b_over_a': round(times['b'] / times['a'], 4)}
             if not args.no_memory:
-                memory = measure_memory(kind, tokens, args, device)
-                row.update({f'peak_mem_mib_{m}': round(memory[m], 2) for m in MODES})
-                row['mem_ratio_c_over_b'] = round(memory['c'] / memory['b'], 4) if memory['b'] > 0 else None
+                memory = {mode: memory_of_mode(kind, tokens, mode, args, device) for mode in MODES}
+                row.update({f'mem_mib_{m}': round(memory[m], 2) for m in MODES})
+                row['mem_ratio_c_over_b'] = round(memory['c'] / memory['b'], 4)
             results.append(row)
             print(json.dumps(row), flush=True)
+    memory_measure = ('peak allocated (torch.cuda.max_memory_allocated)' if device.type == 'cuda'
+                      else 'tensors saved for backward in one step (CPU has no allocator peak)')
     report = {'device': str(device), 'torch': torch.__version__, 'timm': timm.__version__,
+              'memory_measure': None if args.no_memory else memory_measure,
               'threads': torch.get_num_threads(), 'steps': args.steps, 'results': results}
     print(json.dumps(report, indent=2))
     if args.output:

@@ -153,36 +153,44 @@ def merge_heads(
     return _apply_schedule(attn, schedule, alphas), alphas
 
 
-def _mix_round(maps: torch.Tensor, round_slots: Sequence[Slot], slot_alpha: torch.Tensor) -> torch.Tensor:
-    """One round for all slots at once: ``a * first + (1 - a) * second``, a = 1 for carried groups.
+def _take(x: torch.Tensor, dim: int, indices: Sequence[int]) -> torch.Tensor:
+    """``x.index_select(dim, indices)``, as a strided view (no copy) when the indices are evenly spaced."""
+    step = indices[1] - indices[0] if len(indices) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(indices, indices[1:])):
+        return x[(slice(None),) * dim + (slice(indices[0], indices[-1] + 1, step),)]
+    return x.index_select(dim, torch.tensor(indices, device=x.device))
+
+
+def _mix_round(maps: torch.Tensor, round_slots: Sequence[Slot], pair_alpha: torch.Tensor) -> torch.Tensor:
+    """One round for all slots at once: ``a * A_p + (1 - a) * A_q`` for pairs, carried groups unchanged.
 
     Args:
         maps: Current group maps (B, G, N, N).
         round_slots: The round's slots over the G groups.
-        slot_alpha: (B, S) or (B, S, N) weight per slot (ignored for carried slots).
+        pair_alpha: (B, P) or (B, P, N) weights of the round's P pairs, in slot order.
     """
-    first = torch.tensor([slot[0] for slot in round_slots], device=maps.device)
-    second = torch.tensor([slot[-1] for slot in round_slots], device=maps.device)
-    first_maps, second_maps = maps.index_select(1, first), maps.index_select(1, second)
-    weight = slot_alpha.to(maps.dtype)
+    pair_pos = [i for i, slot in enumerate(round_slots) if len(slot) == 2]
+    single_pos = [i for i, slot in enumerate(round_slots) if len(slot) == 1]
+    weight = pair_alpha.to(maps.dtype)
     weight = weight[..., None, None] if weight.dim() == 2 else weight[..., None]
-    return torch.lerp(second_maps, first_maps, weight)  # exact at a = 0 and a = 1, unlike q + a * (p - q)
-
-
-def _slot_alphas(alphas: torch.Tensor, round_slots: Sequence[Slot], merge_offset: int) -> torch.Tensor:
-    """Expand one round's merge weights to one weight per slot (1 for carried groups)."""
-    shape = (alphas.shape[0], len(round_slots)) + tuple(alphas.shape[2:])
-    slot_alpha = alphas.new_ones(shape)
-    pair_slots = [i for i, slot in enumerate(round_slots) if len(slot) == 2]
-    slot_alpha[:, pair_slots] = alphas[:, merge_offset:merge_offset + len(pair_slots)]
-    return slot_alpha
+    first = _take(maps, 1, [round_slots[i][0] for i in pair_pos])
+    second = _take(maps, 1, [round_slots[i][1] for i in pair_pos])
+    mixed = torch.lerp(second, first, weight)  # exact at a = 0 and a = 1, unlike q + a * (p - q)
+    if not single_pos:
+        return mixed
+    out = torch.cat([mixed, _take(maps, 1, [round_slots[i][0] for i in single_pos])], dim=1)
+    order = pair_pos + single_pos
+    if order != sorted(order):  # slots interleave pairs and carried groups (balanced grouping)
+        out = out.index_select(1, torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=out.device))
+    return out
 
 
 def _apply_schedule(attn: torch.Tensor, schedule: MergeSchedule, alphas: torch.Tensor) -> torch.Tensor:
     maps, merge_offset = attn, 0
     for round_slots in schedule:
-        maps = _mix_round(maps, round_slots, _slot_alphas(alphas, round_slots, merge_offset))
-        merge_offset += sum(len(slot) == 2 for slot in round_slots)
+        num_pairs = sum(len(slot) == 2 for slot in round_slots)
+        maps = _mix_round(maps, round_slots, alphas[:, merge_offset:merge_offset + num_pairs])
+        merge_offset += num_pairs
     return maps
 
 
@@ -220,9 +228,8 @@ def _merge_computing_alphas(
         for k, (p, q) in enumerate(pairs):
             buckets[(sizes[p], sizes[q])].append(k)
         for (size_p, size_q), members in buckets.items():
-            p_index = torch.tensor([pairs[k][0] for k in members], device=maps.device)
-            q_index = torch.tensor([pairs[k][1] for k in members], device=maps.device)
-            delta = maps.index_select(1, p_index) - maps.index_select(1, q_index)  # (B, K, N, N)
+            delta = (_take(maps, 1, [pairs[k][0] for k in members])
+                     - _take(maps, 1, [pairs[k][1] for k in members]))  # (B, K, N, N)
             values_p = torch.stack([group_values(starts[pairs[k][0]], size_p) for k in members], dim=1)
             values_q = torch.stack([group_values(starts[pairs[k][1]], size_q) for k in members], dim=1)
             blocks = [(starts[pairs[k][0]], starts[pairs[k][1]]) for k in members]
@@ -232,7 +239,7 @@ def _merge_computing_alphas(
             round_alpha[:, members] = pair_alpha(
                 delta @ values_p, delta @ values_q, gram_pp, gram_qq, gram_pq, per_row=per_row)
         all_alphas.append(round_alpha)
-        maps = _mix_round(maps, round_slots, _slot_alphas(round_alpha, round_slots, 0))
+        maps = _mix_round(maps, round_slots, round_alpha)
         starts = [starts[slot[0]] for slot in round_slots]
         sizes = [sum(sizes[i] for i in slot) for slot in round_slots]
     empty = maps.new_empty((batch, 0) + ((tokens,) if per_row else ()))
