@@ -11,7 +11,7 @@
 Every run is the same recipe and evaluator a user runs at scale (the commands are in the report). Finished runs
 are cached (a marker records the exact command), interrupted ones resume from their last checkpoint.
 
-    python recipes/digits_demo.py            # the full demo (about 15 minutes on 2 CPU cores)
+    python recipes/digits_demo.py            # the full demo (about 12 minutes on 2 CPU cores)
     python recipes/digits_demo.py --quick    # the short version (about 3 minutes): fewer steps, 2 heads only
 """
 import argparse
@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

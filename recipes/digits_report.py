@@ -4,7 +4,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import matplotlib
 
@@ -20,7 +20,7 @@ from digits_demo import (  # noqa: E402
 )
 from shd_plugins.layer_mapping import resolve_layer_pairs  # noqa: E402
 from shd_plugins.report import (  # noqa: E402
-    collect_squeeze, markdown_table, mean_and_spread, plot_alpha_distributions, plot_squeeze,
+    collect_squeeze, markdown_table, mean_and_spread, plot_alpha_distributions, plot_squeeze, save_figure,
 )
 from shd_plugins.sampling import load_dit_components  # noqa: E402
 from shd_plugins.top1 import build_eval_loader  # noqa: E402
@@ -178,11 +178,7 @@ def sample_grid_figure(records: List[dict], figures: Path, per_class: int = 2) -
         label = 'teacher (8 heads)' if r['role'] == 'teacher' else f"{r['heads']} heads: {VARIANT_LABELS[r['variant']]}"
         ax.set_ylabel(f"{label}\nFID {r['fid']:.2f}", rotation=0, ha='right', va='center', fontsize=7)
     axes[0, 0].set_title(f'{per_class} samples per class, classes 0-9 left to right', fontsize=8)
-    fig.tight_layout()
-    path = figures / 'dit_samples.png'
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(fig, figures / 'dit_samples.png', dpi=110))
 
 
 def _fmt(stats: dict, digits: int = 2) -> str:

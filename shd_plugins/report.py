@@ -17,7 +17,8 @@ from .capture import AttentionCapture, num_prefix_tokens  # noqa: E402
 from .heads import head_groups  # noqa: E402
 from .merge import merge_heads  # noqa: E402
 
-__all__ = ['collect_squeeze', 'plot_squeeze', 'plot_alpha_distributions', 'mean_and_spread', 'markdown_table']
+__all__ = ['collect_squeeze', 'plot_squeeze', 'plot_alpha_distributions', 'save_figure', 'mean_and_spread',
+           'markdown_table']
 
 
 @torch.no_grad()
@@ -105,12 +106,7 @@ def plot_squeeze(
     if image is not None:
         axes[0, 0].imshow(image, cmap='gray')
         axes[0, 0].set_title('input', fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title=title)
 
 
 def plot_alpha_distributions(alphas: Mapping[str, np.ndarray], path: Path, *, title: str = '') -> Path:
@@ -129,10 +125,16 @@ def plot_alpha_distributions(alphas: Mapping[str, np.ndarray], path: Path, *, ti
         ax.set_title(f'{name}\nmean {values.mean():.3f}, std {values.std():.3f}', fontsize=8)
         ax.set_xlabel('alpha', fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path, title=title)
+
+
+def save_figure(fig: 'plt.Figure', path: Path, *, title: str = '', dpi: int = 120) -> Path:
+    """Title, tight layout, write (creating the folder) and close: every report figure ends this way."""
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

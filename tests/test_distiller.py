@@ -1,5 +1,4 @@
 """SHDDistiller on real timm ViTs and diffusers DiTs."""
-import copy
 import os
 import subprocess
 import sys
