@@ -11,7 +11,7 @@ differential attention, joint (SD3/Flux-style) attention are refused with the re
 """
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -152,7 +152,6 @@ class _Slot:
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
-    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _heads_first(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -161,17 +161,17 @@ def _take(x: torch.Tensor, dim: int, indices: Sequence[int]) -> torch.Tensor:
     return x.index_select(dim, torch.tensor(indices, device=x.device))
 
 
-def _mix_round(maps: torch.Tensor, round_slots: Sequence[Slot], pair_alpha: torch.Tensor) -> torch.Tensor:
+def _mix_round(maps: torch.Tensor, round_slots: Sequence[Slot], pair_weights: torch.Tensor) -> torch.Tensor:
     """One round for all slots at once: ``a * A_p + (1 - a) * A_q`` for pairs, carried groups unchanged.
 
     Args:
         maps: Current group maps (B, G, N, N).
         round_slots: The round's slots over the G groups.
-        pair_alpha: (B, P) or (B, P, N) weights of the round's P pairs, in slot order.
+        pair_weights: (B, P) or (B, P, N) weights of the round's P pairs, in slot order.
     """
     pair_pos = [i for i, slot in enumerate(round_slots) if len(slot) == 2]
     single_pos = [i for i, slot in enumerate(round_slots) if len(slot) == 1]
-    weight = pair_alpha.to(maps.dtype)
+    weight = pair_weights.to(maps.dtype)
     weight = weight[..., None, None] if weight.dim() == 2 else weight[..., None]
     first = _take(maps, 1, [round_slots[i][0] for i in pair_pos])
     second = _take(maps, 1, [round_slots[i][1] for i in pair_pos])
