@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from shd_plugins.data import check_imagefolder
 from shd_plugins.timm_task import KD_DISTILL_TYPES, SHDDistillationTask, add_shd_args, create_distillation_teacher
-from shd_plugins.top1 import evaluate_classifier, resolve_eval_data_config, resolve_split_dir
+from shd_plugins.top1 import evaluate_classifier, input_img_mode, resolve_eval_data_config, resolve_split_dir
 
 _logger = logging.getLogger('train')
 
@@ -304,11 +304,6 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.samples_per_rank(self.start)
-
-
-def input_img_mode(data_config: Dict[str, Any]) -> str:
-    """Read images as grayscale for a 1-channel model, RGB otherwise (as timm's scripts do)."""
-    return 'L' if data_config['input_size'][0] == 1 else 'RGB'
 
 
 def build_train_loader(

@@ -21,6 +21,7 @@ from .data import check_imagefolder
 
 __all__ = [
     "resolve_split_dir",
+    "input_img_mode",
     "resolve_eval_data_config",
     "build_eval_loader",
     "evaluate_classifier",
@@ -45,6 +46,11 @@ def resolve_split_dir(data_dir: str | Path, split: str = "val") -> Path:
             note = f" (There is no '{split}' subfolder in {data_dir}, so it was read as the split.)"
             raise ValueError(f"{e}{note}") from None
         raise
+
+
+def input_img_mode(data_config: dict[str, Any]) -> str:
+    """Read images as grayscale for a 1-channel model, RGB otherwise (as timm's scripts do)."""
+    return "L" if data_config["input_size"][0] == 1 else "RGB"
 
 
 def resolve_eval_data_config(
@@ -127,8 +133,8 @@ def build_eval_loader(
         )
     elif in_chans is not None and data_config["input_size"][0] != in_chans:
         raise ValueError(f"in_chans={in_chans} but data_config['input_size'] is {data_config['input_size']}.")
-    input_img_mode = "RGB" if data_config["input_size"][0] == 3 else "L"
-    dataset = create_dataset("", root=str(split_dir), search_split=False, input_img_mode=input_img_mode)
+    dataset = create_dataset(
+        "", root=str(split_dir), search_split=False, input_img_mode=input_img_mode(data_config))
     return create_loader(
         dataset,
         input_size=data_config["input_size"],
