@@ -11,11 +11,12 @@ the bytes autograd saves for backward in one step (see :func:`memory_of_mode`).
     python eval/bench_overhead.py --output runs/bench_overhead.json
 """
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List
 
 import timm
 import torch
@@ -46,7 +47,7 @@ def build_models(kind: str, tokens: int, device: torch.device):
     return teacher.to(device).eval().requires_grad_(False), student.to(device).train()
 
 
-def make_batch(kind: str, tokens: int, batch_size: int, device: torch.device) -> Dict[str, torch.Tensor]:
+def make_batch(kind: str, tokens: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
     vit_size, dit_size = TOKEN_SETTINGS[tokens]
     gen = torch.Generator().manual_seed(1)
     if kind == 'vit':
@@ -67,10 +68,11 @@ def make_step(kind: str, mode: str, teacher, student, optimizer, batch) -> Calla
             return model(batch['x'], timestep=batch['t'], class_labels=batch['y']).sample
 
     def step(distiller=None) -> None:
-        output = forward(student)
+        with distiller.recording() if distiller is not None else contextlib.nullcontext():
+            output = forward(student)
+            teacher_output = forward(teacher, no_grad=True) if mode in ('b', 'c') else None
         loss = F.cross_entropy(output, batch['y']) if kind == 'vit' else F.mse_loss(output, batch['noise'])
         if mode in ('b', 'c'):
-            teacher_output = forward(teacher, no_grad=True)
             loss = loss + (logit_kd_loss(output, teacher_output) if kind == 'vit'
                            else output_mse_loss(output, teacher_output))
         if mode == 'c':
@@ -86,12 +88,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_modes(kind: str, tokens: int, args, device: torch.device) -> Dict[str, float]:
+def time_modes(kind: str, tokens: int, args, device: torch.device) -> dict[str, float]:
     teacher, student = build_models(kind, tokens, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     batch = make_batch(kind, tokens, args.batch_size, device)
     steps = {mode: make_step(kind, mode, teacher, student, optimizer, batch) for mode in MODES}
-    times: Dict[str, List[float]] = {mode: [] for mode in MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for round_index in range(args.warmup + args.steps):
         for mode in MODES:
             distiller = SHDDistiller(teacher, student, layers='uniform') if mode == 'c' else None
@@ -126,7 +128,7 @@ def memory_of_mode(kind: str, tokens: int, mode: str, args, device: torch.device
         step(distiller)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    saved: Dict[int, int] = {}
+    saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()

@@ -28,29 +28,30 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from shd_plugins.fid import (
+from shd_plugins.diffusers.sampling import SCHEDULERS, generate_samples, load_dit_components, rank_seed
+from shd_plugins.evaluation.fid import (
     INCEPTION,
     MissingInceptionWeightsError,
-    compute_metrics,
     check_reference,
+    compute_metrics,
     load_images,
     register_timm_feature_extractor,
     resolve_inception_weights,
     save_npz,
 )
-from shd_plugins.sampling import SCHEDULERS, generate_samples, load_dit_components, rank_seed
 
-logger = logging.getLogger("eval.fid")
-METRICS = ("fid", "isc", "kid", "prc")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+logger = logging.getLogger('eval.fid')
+METRICS = ('fid', 'isc', 'kid', 'prc')
+DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 class ParseModelKwargs(argparse.Action):
@@ -58,13 +59,13 @@ class ParseModelKwargs(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         kwargs: dict[str, Any] = {}
-        if len(values) == 1 and values[0].lstrip().startswith("{"):
+        if len(values) == 1 and values[0].lstrip().startswith('{'):
             kwargs = json.loads(values[0])
         else:
             for item in values:
-                key, sep, value = item.partition("=")
+                key, sep, value = item.partition('=')
                 if not sep:
-                    parser.error(f"{option_string} expects key=value pairs or a JSON object, got {item!r}")
+                    parser.error(f'{option_string} expects key=value pairs or a JSON object, got {item!r}')
                 try:
                     kwargs[key] = ast.literal_eval(value)
                 except (ValueError, SyntaxError):
@@ -73,68 +74,68 @@ class ParseModelKwargs(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_argument_group("what to score (one of)")
-    source.add_argument("--model_path", help="trained DiT folder (transformer/, scheduler/, vae/, sample_config.json)")
-    source.add_argument("--samples", help="existing samples: image folder or .npz with arr_0")
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    source = parser.add_argument_group('what to score (one of)')
+    source.add_argument('--model_path', help='trained DiT folder (transformer/, scheduler/, vae/, sample_config.json)')
+    source.add_argument('--samples', help='existing samples: image folder or .npz with arr_0')
 
-    gen = parser.add_argument_group("generation (with --model_path)")
-    gen.add_argument("--vae_path", help="AutoencoderKL folder, if not <model_path>/vae")
-    gen.add_argument("--num_samples", type=int, default=50_000, help="total samples (default: 50000)")
-    gen.add_argument("--num_inference_steps", type=int, default=250, help="denoising steps (default: 250)")
-    gen.add_argument("--guidance_scale", type=float, default=1.5, help="classifier-free guidance; <=1 disables it")
-    gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddpm", help="sampler (default: ddpm)")
-    gen.add_argument("--batch_size", type=int, default=32, help="samples per batch on each process (default: 32)")
-    gen.add_argument("--seed", type=int, default=0, help="global seed; process r of W uses seed*W+r")
-    gen.add_argument("--class_labels", choices=("even", "random"), default="even",
-                     help="labels spread evenly over the classes, or uniform random with the seed")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weights dtype")
+    gen = parser.add_argument_group('generation (with --model_path)')
+    gen.add_argument('--vae_path', help='AutoencoderKL folder, if not <model_path>/vae')
+    gen.add_argument('--num_samples', type=int, default=50_000, help='total samples (default: 50000)')
+    gen.add_argument('--num_inference_steps', type=int, default=250, help='denoising steps (default: 250)')
+    gen.add_argument('--guidance_scale', type=float, default=1.5, help='classifier-free guidance; <=1 disables it')
+    gen.add_argument('--scheduler', choices=sorted(SCHEDULERS), default='ddpm', help='sampler (default: ddpm)')
+    gen.add_argument('--batch_size', type=int, default=32, help='samples per batch on each process (default: 32)')
+    gen.add_argument('--seed', type=int, default=0, help='global seed; process r of W uses seed*W+r')
+    gen.add_argument('--class_labels', choices=('even', 'random'), default='even',
+                     help='labels spread evenly over the classes, or uniform random with the seed')
+    gen.add_argument('--dtype', choices=sorted(DTYPES), default='float32', help='model weights dtype')
 
-    ref = parser.add_argument_group("metrics")
-    ref.add_argument("--reference", help="image folder, .npz of images (arr_0), or .npz with mu/sigma; "
-                                         "without it only the samples are written")
-    ref.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="metrics to compute")
-    ref.add_argument("--fid_batch_size", type=int, default=64, help="feature extraction batch size")
-    ref.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size (clipped to the sets)")
-    ref.add_argument("--kid_subsets", type=int, default=100, help="KID subsets")
-    ref.add_argument("--feature_extractor", choices=("inception", "timm"), default="inception",
+    ref = parser.add_argument_group('metrics')
+    ref.add_argument('--reference', help='image folder, .npz of images (arr_0), or .npz with mu/sigma; '
+                                         'without it only the samples are written')
+    ref.add_argument('--metrics', nargs='+', choices=METRICS, default=list(METRICS), help='metrics to compute')
+    ref.add_argument('--fid_batch_size', type=int, default=64, help='feature extraction batch size')
+    ref.add_argument('--kid_subset_size', type=int, default=1000, help='KID subset size (clipped to the sets)')
+    ref.add_argument('--kid_subsets', type=int, default=100, help='KID subsets')
+    ref.add_argument('--feature_extractor', choices=('inception', 'timm'), default='inception',
                      help="inception: torch-fidelity's inception-v3-compat; timm: a classifier checkpoint")
-    ref.add_argument("--inception_weights", metavar="PATH",
-                     help="weights-inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/)")
-    ref.add_argument("--allow_download", action="store_true", help="let torch-fidelity download missing weights")
+    ref.add_argument('--inception_weights', metavar='PATH',
+                     help='weights-inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/)')
+    ref.add_argument('--allow_download', action='store_true', help='let torch-fidelity download missing weights')
 
-    fe = parser.add_argument_group("timm feature extractor (with --feature_extractor timm)")
-    fe.add_argument("--fe_model_name", help="timm model name, e.g. vit_tiny_patch16_224")
-    fe.add_argument("--fe_checkpoint", help="state_dict file or timm train checkpoint")
-    fe.add_argument("--fe_num_classes", type=int, help="classes of the checkpoint's head (0: headless, no IS)")
-    fe.add_argument("--fe_in_chans", type=int, default=3, help="input channels (1 for grayscale)")
-    fe.add_argument("--fe_img_size", type=int, help="input size the model was built with")
-    fe.add_argument("--fe_model_kwargs", nargs="+", default={}, action=ParseModelKwargs,
-                    help="extra create_model kwargs: k=v pairs or one JSON object")
-    fe.add_argument("--fe_use_ema", action="store_true", help="use state_dict_ema of a train checkpoint")
-    fe.add_argument("--fe_mean", type=float, nargs="+", help="override the normalization mean")
-    fe.add_argument("--fe_std", type=float, nargs="+", help="override the normalization std")
-    fe.add_argument("--fe_interpolation", help="override the resize interpolation")
+    fe = parser.add_argument_group('timm feature extractor (with --feature_extractor timm)')
+    fe.add_argument('--fe_model_name', help='timm model name, e.g. vit_tiny_patch16_224')
+    fe.add_argument('--fe_checkpoint', help='state_dict file or timm train checkpoint')
+    fe.add_argument('--fe_num_classes', type=int, help="classes of the checkpoint's head (0: headless, no IS)")
+    fe.add_argument('--fe_in_chans', type=int, default=3, help='input channels (1 for grayscale)')
+    fe.add_argument('--fe_img_size', type=int, help='input size the model was built with')
+    fe.add_argument('--fe_model_kwargs', nargs='+', default={}, action=ParseModelKwargs,
+                    help='extra create_model kwargs: k=v pairs or one JSON object')
+    fe.add_argument('--fe_use_ema', action='store_true', help='use state_dict_ema of a train checkpoint')
+    fe.add_argument('--fe_mean', type=float, nargs='+', help='override the normalization mean')
+    fe.add_argument('--fe_std', type=float, nargs='+', help='override the normalization std')
+    fe.add_argument('--fe_interpolation', help='override the resize interpolation')
 
-    out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", required=True, help="where samples.npz, samples_grid.png, fid_results.json go")
-    out.add_argument("--grid_size", type=int, default=64, help="images in the sample grid (default: 64)")
-    out.add_argument("--no_progress", action="store_true", help="quiet torch-fidelity")
+    out = parser.add_argument_group('output')
+    out.add_argument('--output_dir', required=True, help='where samples.npz, samples_grid.png, fid_results.json go')
+    out.add_argument('--grid_size', type=int, default=64, help='images in the sample grid (default: 64)')
+    out.add_argument('--no_progress', action='store_true', help='quiet torch-fidelity')
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if bool(args.model_path) == bool(args.samples):
-        parser.error("pass exactly one of --model_path (generate) and --samples (score existing samples)")
-    if args.feature_extractor == "timm":
-        missing = [f for f in ("fe_model_name", "fe_checkpoint", "fe_num_classes") if getattr(args, f) is None]
+        parser.error('pass exactly one of --model_path (generate) and --samples (score existing samples)')
+    if args.feature_extractor == 'timm':
+        missing = [f for f in ('fe_model_name', 'fe_checkpoint', 'fe_num_classes') if getattr(args, f) is None]
         if missing:
-            parser.error("--feature_extractor timm needs " + ", ".join("--" + m for m in missing))
+            parser.error('--feature_extractor timm needs ' + ', '.join('--' + m for m in missing))
 
 
 def resolve_feature_extractor(args: argparse.Namespace) -> str:
     """The torch-fidelity extractor name; checks weights before any sampling so failures come early."""
-    if args.feature_extractor == "inception":
+    if args.feature_extractor == 'inception':
         if args.reference:
             resolve_inception_weights(args.inception_weights, allow_download=args.allow_download)
         return INCEPTION
@@ -183,14 +184,14 @@ def generate(args: argparse.Namespace, accelerator: Accelerator) -> tuple[np.nda
     )
     world = accelerator.num_processes
     info = {
-        "num_processes": world,
-        "rank_seeds": [rank_seed(args.seed, r, world) for r in range(world)],
-        "num_classes": components.num_classes,
-        "null_class_id": int(components.transformer.config.num_embeds_ada_norm),
-        "pixel_space": components.pixel_space,
-        "trained_scheduler": type(components.scheduler).__name__,
-        "sampler": args.scheduler,
-        "seconds": round(time.perf_counter() - start, 2),
+        'num_processes': world,
+        'rank_seeds': [rank_seed(args.seed, r, world) for r in range(world)],
+        'num_classes': components.num_classes,
+        'null_class_id': int(components.transformer.config.num_embeds_ada_norm),
+        'pixel_space': components.pixel_space,
+        'trained_scheduler': type(components.scheduler).__name__,
+        'sampler': args.scheduler,
+        'seconds': round(time.perf_counter() - start, 2),
     }
     return images, info
 
@@ -199,10 +200,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
 
     # Several processes without CUDA (torchrun on a CPU box) need accelerate's gloo backend.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1
     accelerator = Accelerator(cpu=multi_cpu)
     feature_extractor = resolve_feature_extractor(args)
     if args.reference:  # fail on an unreadable reference before hours of sampling
@@ -214,17 +215,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     elif accelerator.is_main_process:
         images = load_images(args.samples)
         if len(images) == 0:
-            raise ValueError(f"--samples {args.samples} holds no images.")
+            raise ValueError(f'--samples {args.samples} holds no images.')
     if not accelerator.is_main_process:  # its share is gathered; scoring runs on the main process alone
         return None
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    samples_npz = save_npz(images, output_dir / "samples.npz")
-    grid = save_image_grid(images, output_dir / "samples_grid.png", args.grid_size)
-    logger.info("wrote %d samples to %s and a grid to %s", len(images), samples_npz, grid)
+    samples_npz = save_npz(images, output_dir / 'samples.npz')
+    grid = save_image_grid(images, output_dir / 'samples_grid.png', args.grid_size)
+    logger.info('wrote %d samples to %s and a grid to %s', len(images), samples_npz, grid)
 
-    results: dict[str, Any] = {"metrics": {}}
+    results: dict[str, Any] = {'metrics': {}}
     if args.reference:
         results = compute_metrics(
             images,
@@ -238,9 +239,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             allow_download=args.allow_download,
             verbose=not args.no_progress,
         )
-        results["metric_settings"] = results.pop("settings")
+        results['metric_settings'] = results.pop('settings')
     else:
-        logger.info("no --reference: samples written, no metrics computed")
+        logger.info('no --reference: samples written, no metrics computed')
     results.update(
         num_samples=len(images),
         samples_source=args.samples or args.model_path,
@@ -249,17 +250,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         generation=generation,
         args=vars(args),
     )
-    results_file = output_dir / "fid_results.json"
-    with open(results_file, "w") as f:
+    results_file = output_dir / 'fid_results.json'
+    with open(results_file, 'w') as f:
         json.dump(results, f, indent=2, default=str)
-    for key, value in results["metrics"].items():
-        print(f"{key}: {value:.6g}")
-    print(f"results: {results_file}")
+    for key, value in results['metrics'].items():
+        print(f'{key}: {value:.6g}')
+    print(f'results: {results_file}')
     return results
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     try:
         main()
     except (MissingInceptionWeightsError, FileNotFoundError) as e:  # user errors: the message says what to do
-        sys.exit(f"eval/fid.py: error: {e}")
+        sys.exit(f'eval/fid.py: error: {e}')

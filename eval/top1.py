@@ -18,46 +18,52 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from timm.models import create_model, load_checkpoint, resolve_model_input_args
 from timm.utils import ParseKwargs
 
-from shd_plugins.top1 import build_eval_loader, evaluate_classifier, resolve_eval_data_config, resolve_split_dir
+from shd_plugins.evaluation.top1 import (
+    build_eval_loader,
+    evaluate_classifier,
+    resolve_eval_data_config,
+    resolve_split_dir,
+)
 
-_logger = logging.getLogger("eval.top1")
+_logger = logging.getLogger('eval.top1')
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags, named as in timm's ``validate.py``."""
-    parser = argparse.ArgumentParser(description="Top-1/top-5 validation of a timm classifier on an ImageFolder")
-    parser.add_argument("--model", "-m", required=True, metavar="NAME", help="timm model name")
-    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
-                        help="extra create_model kwargs, k=v (e.g. patch_size=8 depth=2)")
-    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the checkpoint")
-    parser.add_argument("--in-chans", type=int, default=None, help="image input channels (1 reads grayscale)")
-    parser.add_argument("--img-size", type=int, default=None, help="input image size (model default if empty)")
-    parser.add_argument("--checkpoint", default="", metavar="PATH",
-                        help="state_dict file or timm train checkpoint (.pth, .pth.tar, .safetensors)")
-    parser.add_argument("--use-ema", action="store_true", help="use the EMA weights of the checkpoint if present")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="load hub pretrained weights (needs internet; off unless given)")
-    parser.add_argument("--data-dir", required=True, metavar="DIR",
-                        help="dataset root holding <split>/, or an ImageFolder split directory itself")
-    parser.add_argument("--split", default="val", help="split subfolder of --data-dir (default: val)")
-    parser.add_argument("-b", "--batch-size", type=int, default=256, help="mini-batch size (default: 256)")
-    parser.add_argument("-j", "--workers", type=int, default=2, help="data loading workers (default: 2)")
-    parser.add_argument("--crop-pct", type=float, default=None, help="center crop pct (model default if empty)")
-    parser.add_argument("--interpolation", default="", help="resize interpolation (model default if empty)")
-    parser.add_argument("--mean", type=float, nargs="+", default=None, help="override normalization mean")
-    parser.add_argument("--std", type=float, nargs="+", default=None, help="override normalization std")
-    parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (default: cuda if available, else cpu)")
-    parser.add_argument("--results-file", default="", metavar="PATH.json", help="write the results JSON here")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser = argparse.ArgumentParser(description='Top-1/top-5 validation of a timm classifier on an ImageFolder')
+    parser.add_argument('--model', '-m', required=True, metavar='NAME', help='timm model name')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='extra create_model kwargs, k=v (e.g. patch_size=8 depth=2)')
+    parser.add_argument('--num-classes', type=int, default=None, help='number of classes of the checkpoint')
+    parser.add_argument('--in-chans', type=int, default=None, help='image input channels (1 reads grayscale)')
+    parser.add_argument('--img-size', type=int, default=None, help='input image size (model default if empty)')
+    parser.add_argument('--checkpoint', default='', metavar='PATH',
+                        help='state_dict file or timm train checkpoint (.pth, .pth.tar, .safetensors)')
+    parser.add_argument('--use-ema', action='store_true', help='use the EMA weights of the checkpoint if present')
+    parser.add_argument('--pretrained', action='store_true',
+                        help='load hub pretrained weights (needs internet; off unless given)')
+    parser.add_argument('--data-dir', required=True, metavar='DIR',
+                        help='dataset root holding <split>/, or an ImageFolder split directory itself')
+    parser.add_argument('--split', default='val', help='split subfolder of --data-dir (default: val)')
+    parser.add_argument('-b', '--batch-size', type=int, default=256, help='mini-batch size (default: 256)')
+    parser.add_argument('-j', '--workers', type=int, default=2, help='data loading workers (default: 2)')
+    parser.add_argument('--crop-pct', type=float, default=None, help='center crop pct (model default if empty)')
+    parser.add_argument('--interpolation', default='', help='resize interpolation (model default if empty)')
+    parser.add_argument('--mean', type=float, nargs='+', default=None, help='override normalization mean')
+    parser.add_argument('--std', type=float, nargs='+', default=None, help='override normalization std')
+    parser.add_argument('--amp', action='store_true', help='autocast (float16 on CUDA, bfloat16 on CPU)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='device (default: cuda if available, else cpu)')
+    parser.add_argument('--results-file', default='', metavar='PATH.json', help='write the results JSON here')
+    parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     return parser
 
 
@@ -66,13 +72,13 @@ def check_weights_source(args: argparse.Namespace) -> None:
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             raise FileNotFoundError(
-                f"--checkpoint {args.checkpoint}: no such file. Pass the path of a state_dict or timm train "
-                "checkpoint (e.g. runs/<exp>/model_best.pth.tar)."
+                f'--checkpoint {args.checkpoint}: no such file. Pass the path of a state_dict or timm train '
+                'checkpoint (e.g. runs/<exp>/model_best.pth.tar).'
             )
     elif not args.pretrained:
         raise ValueError(
-            "No weights to evaluate: pass --checkpoint PATH (state_dict or timm train checkpoint), or "
-            "--pretrained to download hub weights (needs internet)."
+            'No weights to evaluate: pass --checkpoint PATH (state_dict or timm train checkpoint), or '
+            '--pretrained to download hub weights (needs internet).'
         )
 
 
@@ -81,7 +87,7 @@ def create_eval_model(args: argparse.Namespace) -> torch.nn.Module:
     model = create_model(
         **resolve_model_input_args(
             args.model,
-            {"img_size": args.img_size, "in_chans": args.in_chans},
+            {'img_size': args.img_size, 'in_chans': args.in_chans},
             pretrained=args.pretrained,
             num_classes=args.num_classes,
             **args.model_kwargs,
@@ -107,7 +113,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         mean=args.mean,
         std=args.std,
     )
-    _logger.info("Data config: %s", data_config)
+    _logger.info('Data config: %s', data_config)
     loader = build_eval_loader(
         args.data_dir,
         model,
@@ -119,37 +125,37 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     )
     metrics = evaluate_classifier(model, loader, device=device, amp=args.amp, progress=not args.no_progress)
     return {
-        "model": args.model,
-        "checkpoint": args.checkpoint or None,
-        "top1": metrics["top1"],
-        "top5": metrics["top5"],
-        "loss": metrics["loss"],
-        "num_samples": metrics["num_samples"],
-        "img_size": data_config["input_size"][-1],
-        "crop_pct": data_config["crop_pct"],
-        "interpolation": data_config["interpolation"],
-        "split": args.split,
-        "top1_correct": metrics["top1_correct"],
-        "top5_correct": metrics["top5_correct"],
-        "use_ema": args.use_ema,
+        'model': args.model,
+        'checkpoint': args.checkpoint or None,
+        'top1': metrics['top1'],
+        'top5': metrics['top5'],
+        'loss': metrics['loss'],
+        'num_samples': metrics['num_samples'],
+        'img_size': data_config['input_size'][-1],
+        'crop_pct': data_config['crop_pct'],
+        'interpolation': data_config['interpolation'],
+        'split': args.split,
+        'top1_correct': metrics['top1_correct'],
+        'top5_correct': metrics['top5_correct'],
+        'use_ema': args.use_ema,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry point: validate, write ``--results-file``, print the JSON after ``--result``."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = build_parser().parse_args(argv)
     try:
         results = validate(args)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
     if args.results_file:
         Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results_file).write_text(json.dumps(results, indent=4) + "\n")
-    print(f"--result\n{json.dumps(results, indent=4)}")
+        Path(args.results_file).write_text(json.dumps(results, indent=4) + '\n')
+    print(f'--result\n{json.dumps(results, indent=4)}')
     return results
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

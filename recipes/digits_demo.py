@@ -21,14 +21,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shd_plugins.data import write_digits_imagefolder  # noqa: E402
+from shd_plugins.demo.data import write_digits_imagefolder  # noqa: E402
 
 DONE_MARKER = 'demo_done.json'
 STARTED_MARKER = 'demo_started.json'
@@ -66,11 +66,11 @@ class Settings:
 class Job:
     """One command of the demo; it is done when ``run_dir/demo_done.json`` records the same command."""
     name: str
-    command: List[str]
+    command: list[str]
     run_dir: Path
-    deps: List[str] = field(default_factory=list)
-    resume_args: List[str] = field(default_factory=list)  # added when an unfinished run_dir exists
-    info: Dict[str, object] = field(default_factory=dict)
+    deps: list[str] = field(default_factory=list)
+    resume_args: list[str] = field(default_factory=list)  # added when an unfinished run_dir exists
+    info: dict[str, object] = field(default_factory=dict)
 
     def marker(self) -> Path:
         return self.run_dir / DONE_MARKER
@@ -88,14 +88,14 @@ def display_command(command: Sequence[str]) -> str:
     return ' '.join(parts)
 
 
-def run_jobs(jobs: List[Job], workers: int) -> Dict[str, float]:
+def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
     """Run jobs respecting dependencies, ``workers`` at a time; returns wall seconds per job (cached: marker's)."""
     from tqdm import tqdm
 
     by_name = {job.name: job for job in jobs}
-    seconds: Dict[str, float] = {}
+    seconds: dict[str, float] = {}
     pending = [job for job in jobs]
-    running: Dict[str, tuple] = {}
+    running: dict[str, tuple] = {}
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONPATH': str(REPO),
            'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
     bar = tqdm(total=len(jobs), desc='demo', unit='run', dynamic_ncols=True)
@@ -145,7 +145,7 @@ def run_jobs(jobs: List[Job], workers: int) -> Dict[str, float]:
     return seconds
 
 
-def vit_jobs(out: Path, data: Path, s: Settings) -> List[Job]:
+def vit_jobs(out: Path, data: Path, s: Settings) -> list[Job]:
     config = REPO / 'recipes/configs/digits_vit.yaml'
     train = [sys.executable, str(REPO / 'recipes/train_timm.py'), '-c', str(config), '--data-dir', str(data)]
     teacher_dir = out / 'vit' / 'teacher'
@@ -181,7 +181,7 @@ def vit_jobs(out: Path, data: Path, s: Settings) -> List[Job]:
     return jobs
 
 
-def dit_jobs(out: Path, data: Path, s: Settings) -> List[Job]:
+def dit_jobs(out: Path, data: Path, s: Settings) -> list[Job]:
     configs = REPO / 'recipes/configs'
     train = [sys.executable, str(REPO / 'recipes/train_dit.py'), '--train_data_dir', str(data / 'train'),
              '--resolution', '8', '--train_batch_size', '64', '--learning_rate', str(s.dit_lr),

@@ -4,7 +4,6 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import matplotlib
 
@@ -13,23 +12,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from digits_demo import (  # noqa: E402
+    VARIANT_LABELS,
+    VARIANTS,
+    VIT_NAME,
+    VIT_STUDENT_KWARGS,
+    VIT_TEACHER_KWARGS,
+    Job,
+    display_command,
+)
 from timm.models import load_checkpoint  # noqa: E402
 
-from digits_demo import (  # noqa: E402
-    VARIANT_LABELS, VARIANTS, VIT_NAME, VIT_STUDENT_KWARGS, VIT_TEACHER_KWARGS, Job, display_command,
+from shd_plugins.core.layer_mapping import resolve_layer_pairs  # noqa: E402
+from shd_plugins.diffusers.sampling import load_dit_components  # noqa: E402
+from shd_plugins.evaluation.top1 import build_eval_loader  # noqa: E402
+from shd_plugins.viz import (  # noqa: E402
+    collect_squeeze,
+    markdown_table,
+    mean_and_spread,
+    plot_alpha_distributions,
+    plot_squeeze,
+    save_figure,
 )
-from shd_plugins.layer_mapping import resolve_layer_pairs  # noqa: E402
-from shd_plugins.report import (  # noqa: E402
-    collect_squeeze, markdown_table, mean_and_spread, plot_alpha_distributions, plot_squeeze, save_figure,
-)
-from shd_plugins.sampling import load_dit_components  # noqa: E402
-from shd_plugins.top1 import build_eval_loader  # noqa: E402
 
 FID_KEYS = {'fid': 'frechet_inception_distance', 'kid': 'kernel_inception_distance_mean',
             'is': 'inception_score_mean', 'precision': 'precision', 'recall': 'recall'}
 
 
-def _kwargs(text: str) -> Dict[str, int]:
+def _kwargs(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in (item.split('=') for item in text.split())}
 
 
@@ -39,7 +49,7 @@ def load_vit(run_dir: Path, kwargs: str) -> torch.nn.Module:
     return model.eval()
 
 
-def collect_runs(jobs: List[Job], seconds: Dict[str, float]) -> List[dict]:
+def collect_runs(jobs: list[Job], seconds: dict[str, float]) -> list[dict]:
     """One record per training run: what it was, its command, compute and evaluation numbers."""
     records = []
     evals = {job.name.rsplit('/', 1)[0]: job for job in jobs if 'eval' in job.info}
@@ -66,13 +76,13 @@ def collect_runs(jobs: List[Job], seconds: Dict[str, float]) -> List[dict]:
     return records
 
 
-def summarize(records: List[dict], kind: str, metric: str) -> Dict[str, Dict[str, dict]]:
+def summarize(records: list[dict], kind: str, metric: str) -> dict[str, dict[str, dict]]:
     """``{heads: {variant: mean/std/min/max/n of metric, plus mean train seconds}}`` for the students."""
     groups = defaultdict(list)
     for r in records:
         if r['kind'] == kind and r['role'] == 'student' and r.get(metric) is not None:
             groups[(r['heads'], r['variant'])].append(r)
-    summary: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    summary: dict[str, dict[str, dict]] = defaultdict(dict)
     for (heads, variant), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
         summary[str(heads)][variant] = {
             **mean_and_spread([r[metric] for r in runs]),
@@ -84,7 +94,7 @@ def summarize(records: List[dict], kind: str, metric: str) -> Dict[str, Dict[str
 COMPARISONS = (('kd_shd', 'kd'), ('kd_shd', 'kd_mean'), ('kd_shd', 'kd_select'))
 
 
-def compare_variants(summary: Dict[str, Dict[str, dict]], higher_is_better: bool, metric: str) -> List[dict]:
+def compare_variants(summary: dict[str, dict[str, dict]], higher_is_better: bool, metric: str) -> list[dict]:
     """KD + SHD against KD and against the two ablations, per head count, judged by the seed spread."""
     verdicts = []
     for heads, variants in summary.items():
@@ -108,13 +118,13 @@ def compare_variants(summary: Dict[str, Dict[str, dict]], higher_is_better: bool
     return verdicts
 
 
-def squeeze_figures(out: Path, figures: Path, heads: int, seed: int) -> Dict[str, object]:
+def squeeze_figures(out: Path, figures: Path, heads: int, seed: int) -> dict[str, object]:
     """Figure 1 (one sample's teacher heads, squeezed maps, student maps) and Figure 3 (alpha distributions)."""
     data = out / 'data'
     teacher = load_vit(out / 'vit' / 'teacher', VIT_TEACHER_KWARGS)
     loader = build_eval_loader(data, teacher, split='val', batch_size=512, workers=0, in_chans=1)
     images, labels = next(iter(loader))
-    result: Dict[str, object] = {'alpha_stats': {}}
+    result: dict[str, object] = {'alpha_stats': {}}
     alphas_for_plot = {}
     for h in sorted({heads, *VIT_STUDENT_KWARGS}):
         run = out / 'vit' / f'h{h}_kd_shd_s{seed}'
@@ -141,7 +151,7 @@ def squeeze_figures(out: Path, figures: Path, heads: int, seed: int) -> Dict[str
     return result
 
 
-def dit_squeeze_figure(out: Path, figures: Path, heads: int) -> Optional[str]:
+def dit_squeeze_figure(out: Path, figures: Path, heads: int) -> str | None:
     """Figure 1 for the DiT: maps of one noisy digit at t = 500."""
     run = out / 'dit' / f'h{heads}_kd_shd'
     if not (run / 'transformer').is_dir():
@@ -161,7 +171,7 @@ def dit_squeeze_figure(out: Path, figures: Path, heads: int) -> Optional[str]:
                                   f'{s} ({heads} heads), KD + SHD student'))
 
 
-def sample_grid_figure(records: List[dict], figures: Path, per_class: int = 2) -> Optional[str]:
+def sample_grid_figure(records: list[dict], figures: Path, per_class: int = 2) -> str | None:
     """Samples of every DiT, one row per model and ``per_class`` samples of each class, enlarged (nearest)."""
     runs = [r for r in records if r['kind'] == 'dit' and Path(r.get('samples_npz', '')).is_file()]
     if not runs:
@@ -210,7 +220,7 @@ def render_markdown(results: dict, out: Path) -> str:
                          f"{st['train_seconds_mean']:.0f}"])
     lines += [markdown_table(['model', 'variant', f"top-1 % (mean ± std over {len(s['vit_seeds'])} seed(s))",
                               'min - max', 'train s / run'], rows), '']
-    lines += ['## DiT students: FID against the validation images with the digits classifier\'s features '
+    lines += ["## DiT students: FID against the validation images with the digits classifier's features "
               '(eval/fid.py)', '',
               f"{s['fid_samples']} samples per model, DDIM {s['fid_steps']} steps, guidance 1.5; features: the ViT "
               f"teacher's pre-logits (torch-fidelity with a registered timm extractor; IS from its logits). Lower FID/KID "
@@ -225,12 +235,12 @@ def render_markdown(results: dict, out: Path) -> str:
     f = results['figures']
     lines += ['## What the squeeze does', '',
               'Teacher heads (top), the closed-form squeezed maps that supervise each student head (middle), and the '
-              'KD + SHD student\'s maps (bottom), for one sample and the last distilled layer (as the paper\'s Figure 1).', '']
+              "KD + SHD student's maps (bottom), for one sample and the last distilled layer (as the paper's Figure 1).", '']
     for key in ('vit_squeeze', 'dit_squeeze'):
         if f.get(key):
             lines.append(f'![{key}]({rel(f[key])})')
     lines += ['', '## Where the merge weights land', '',
-              'Distribution of the closed-form alpha per distilled layer (as the paper\'s Figure 3); 0.5 is what '
+              "Distribution of the closed-form alpha per distilled layer (as the paper's Figure 3); 0.5 is what "
               'mean-merge uses, 1 is head-select.', '']
     if f.get('alpha_figure'):
         lines.append(f"![alphas]({rel(f['alpha_figure'])})")
@@ -241,14 +251,14 @@ def render_markdown(results: dict, out: Path) -> str:
     if f.get('dit_samples'):
         lines.append(f"![samples]({rel(f['dit_samples'])})")
     lines += ['', '## Commands', '', 'Each run is the recipe or evaluator a user runs at scale, with the same flags '
-              '(paths are this machine\'s):', '', '```']
+              "(paths are this machine's):", '', '```']
     for r in results['runs']:
         lines += [r['command'], r['eval_command']]
     lines += ['```', '', 'All numbers are in `results.json`.']
     return '\n'.join(lines) + '\n'
 
 
-def write_report(out: Path, jobs: List[Job], seconds: Dict[str, float], settings, *, quick: bool,
+def write_report(out: Path, jobs: list[Job], seconds: dict[str, float], settings, *, quick: bool,
                  total_seconds: float) -> Path:
     import platform
     figures = out / 'figures'

@@ -7,7 +7,7 @@ YAML file given with ``-c`` (two-stage parse, as ``train.py``: the file sets def
 
 Examples (the embedded digits data, CPU)::
 
-    python -c "from shd_plugins.data import write_digits_imagefolder as w; w('runs/digits')"  # any ImageFolder
+    python -c "from shd_plugins.demo.data import write_digits_imagefolder as w; w('runs/digits')"  # any ImageFolder
     # teacher: 8 heads, trained without distillation
     python recipes/train_timm.py -c recipes/configs/digits_vit.yaml --data-dir runs/digits \\
         --model-kwargs patch_size=8 embed_dim=64 depth=4 num_heads=8 --output runs/teacher
@@ -33,10 +33,11 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,15 +49,20 @@ from timm.models import create_model, resolve_model_input_args
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
-    ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask,
-    load_task_ema_checkpoint, resume_task_checkpoint,
+    ClassificationTask,
+    FeatureDistillationTask,
+    LogitDistillationTask,
+    TokenDistillationTask,
+    TrainingTask,
+    load_task_ema_checkpoint,
+    resume_task_checkpoint,
 )
 from timm.utils import CheckpointSaver, load_checkpoint_metadata
 from tqdm import tqdm
 
-from shd_plugins.data import check_imagefolder
-from shd_plugins.timm_task import KD_DISTILL_TYPES, SHDDistillationTask, add_shd_args, create_distillation_teacher
-from shd_plugins.top1 import evaluate_classifier, input_img_mode, resolve_eval_data_config, resolve_split_dir
+from shd_plugins.evaluation.top1 import evaluate_classifier, input_img_mode, resolve_eval_data_config, resolve_split_dir
+from shd_plugins.imagefolder import check_imagefolder
+from shd_plugins.timm.task import KD_DISTILL_TYPES, SHDDistillationTask, add_shd_args, create_distillation_teacher
 
 _logger = logging.getLogger('train')
 
@@ -68,7 +74,7 @@ CHECKPOINT_EXT = '.pth.tar'
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """``(config_parser, parser)``: the first reads only ``-c``, the second everything, with timm's flag names."""
     config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
     config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
@@ -180,7 +186,7 @@ def build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--kd-model-name', default=None, type=str, help='name of the teacher model')
     group.add_argument('--kd-distill-type', default='logit', type=str, choices=list(KD_DISTILL_TYPES),
                        help="'logit', 'feature', 'token' (timm's tasks) or 'shd' (attention maps + logits)")
-    group.add_argument('--kd-loss-type', default='kl', type=str, help="logit distillation loss (default: kl)")
+    group.add_argument('--kd-loss-type', default='kl', type=str, help='logit distillation loss (default: kl)')
     group.add_argument('--distill-loss-weight', default=None, type=float,
                        help='weight of the distillation loss; with --task-loss-weight: independent weights, alone: '
                             'task weight 1')
@@ -203,7 +209,7 @@ def build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='number of best checkpoints to keep (default: 10)')
     group.add_argument('--amp', action='store_true', default=False,
                        help='mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)')
-    group.add_argument('--amp-dtype', default='float16', type=str, help="AMP dtype on CUDA (default: float16)")
+    group.add_argument('--amp-dtype', default='float16', type=str, help='AMP dtype on CUDA (default: float16)')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
                        help='device (default: cuda if available); one process per device under torchrun')
     group.add_argument('--dist-backend', default=None, type=str, help='torch.distributed backend (default: by device)')
@@ -217,12 +223,12 @@ def build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return config_parser, parser
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, str]:
     """Two-stage parse as timm's ``train.py``: ``-c`` YAML values become defaults, command-line flags win."""
     config_parser, parser = build_parsers()
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
-        with open(args_config.config, 'r') as f:
+        with open(args_config.config) as f:
             cfg = yaml.safe_load(f) or {}
         unknown = sorted(set(cfg) - set(vars(parser.parse_args([]))))
         if unknown:
@@ -244,7 +250,7 @@ def check_file(path: str, flag: str, hint: str) -> None:
         raise FileNotFoundError(f"{flag} '{path}' does not exist: {hint}")
 
 
-def resolve_val_dir(data_dir: str, val_split: str) -> Optional[Path]:
+def resolve_val_dir(data_dir: str, val_split: str) -> Path | None:
     """The validation ImageFolder: ``<data-dir>/<val-split>``, else ``val`` or ``validation``; None if absent."""
     for split in dict.fromkeys((val_split, 'validation', 'val')):
         if split and (Path(data_dir) / split).is_dir():
@@ -261,7 +267,7 @@ def checkpoint_step(path: Path) -> int:
         return -1
 
 
-def find_latest_checkpoint(output_dir: Path) -> Optional[Path]:
+def find_latest_checkpoint(output_dir: Path) -> Path | None:
     """The checkpoint of ``output_dir`` with the most optimizer steps (``last`` wins ties over a recovery file)."""
     candidates = [output_dir / f'last{CHECKPOINT_EXT}', *sorted(output_dir.glob(f'recovery-*{CHECKPOINT_EXT}'))]
     steps = {path: checkpoint_step(path) for path in candidates if path.is_file()}
@@ -308,9 +314,9 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 def build_train_loader(
         train_dir: Path,
-        data_config: Dict[str, Any],
+        data_config: dict[str, Any],
         args: argparse.Namespace,
-) -> Tuple[torch.utils.data.DataLoader, ResumableSampler]:
+) -> tuple[torch.utils.data.DataLoader, ResumableSampler]:
     """Training loader with timm's train transforms and a :class:`ResumableSampler`."""
     dataset = create_dataset(
         '', root=str(train_dir), is_training=True, search_split=False, input_img_mode=input_img_mode(data_config))
@@ -347,7 +353,7 @@ def build_train_loader(
 
 def build_eval_loader(
         val_dir: Path,
-        data_config: Dict[str, Any],
+        data_config: dict[str, Any],
         args: argparse.Namespace,
 ) -> torch.utils.data.DataLoader:
     """Validation loader (timm eval transforms); each rank takes every ``world_size``-th image, none twice."""
@@ -397,7 +403,7 @@ def create_student(args: argparse.Namespace) -> nn.Module:
 def create_task(
         args: argparse.Namespace,
         model: nn.Module,
-        data_config: Dict[str, Any],
+        data_config: dict[str, Any],
         device: torch.device,
 ) -> TrainingTask:
     """Classification, timm's logit/feature/token distillation, or SHD, from the KD flags."""
@@ -447,13 +453,13 @@ class TrainStateSaver(CheckpointSaver):
     def __init__(self, *args: Any, lr_scheduler: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.lr_scheduler = lr_scheduler
-        self.train_state: Dict[str, int] = {}
+        self.train_state: dict[str, int] = {}
 
     def set_position(self, *, num_updates: int, resume_epoch: int, epoch_samples: int) -> None:
         """Where a run resumed from the next checkpoint starts."""
         self.train_state = dict(num_updates=num_updates, resume_epoch=resume_epoch, epoch_samples=epoch_samples)
 
-    def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+    def _save(self, save_path: str, epoch: int, metric: float | None = None) -> None:
         save_state = {
             'epoch': epoch,
             'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
@@ -509,13 +515,13 @@ def train_one_epoch(
         *,
         device: torch.device,
         lr_scheduler: Any,
-        saver: Optional[TrainStateSaver],
+        saver: TrainStateSaver | None,
         loss_scaler: Any,
         amp_autocast: Callable,
         num_updates: int,
         start_batch: int,
         batches_per_epoch: int,
-) -> Tuple[Dict[str, float], int]:
+) -> tuple[dict[str, float], int]:
     """One epoch (or its remainder from ``start_batch``) of optimizer steps; returns metrics and the step count."""
     accum = args.grad_accum_steps
     last_accum_steps = batches_per_epoch % accum or accum
@@ -584,7 +590,7 @@ def validate(
         loader: torch.utils.data.DataLoader,
         args: argparse.Namespace,
         device: torch.device,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Top-1/top-5/loss over the whole validation split: each rank scores its shard, the counts are summed."""
     local = evaluate_classifier(
         model, loader, device=device, amp=args.amp, progress=not args.no_progress and utils.is_primary(args))
@@ -599,7 +605,7 @@ def validate(
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 
-def resolve_amp(args: argparse.Namespace, device: torch.device) -> Tuple[Callable, Any]:
+def resolve_amp(args: argparse.Namespace, device: torch.device) -> tuple[Callable, Any]:
     """Autocast context factory and loss scaler: float16 + scaler on CUDA, bfloat16 without scaler elsewhere."""
     if not args.amp:
         return nullcontext, None
@@ -625,7 +631,7 @@ def resolve_output_dir(args: argparse.Namespace) -> Path:
     return output_dir
 
 
-def setup(args: argparse.Namespace) -> Dict[str, Any]:
+def setup(args: argparse.Namespace) -> dict[str, Any]:
     """Everything before the first step; raises ValueError/FileNotFoundError with the fix on bad inputs."""
     if not args.data_dir:
         raise ValueError('No data: pass --data-dir DIR (an ImageFolder root with a train split).')
@@ -660,7 +666,7 @@ def setup(args: argparse.Namespace) -> Dict[str, Any]:
                 sampler=sampler, eval_loader=eval_loader)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     utils.setup_default_logging()
     args, args_text = parse_args(argv)
     device = utils.init_distributed_device(args)
@@ -692,7 +698,7 @@ def train(
         output_dir: Path,
         train_loader: torch.utils.data.DataLoader,
         sampler: ResumableSampler,
-        eval_loader: Optional[torch.utils.data.DataLoader],
+        eval_loader: torch.utils.data.DataLoader | None,
 ) -> None:
     primary = utils.is_primary(args)
     batches_per_epoch = sampler.samples_per_rank() // args.batch_size
@@ -773,14 +779,12 @@ def train(
             loss_scaler=loss_scaler, amp_autocast=amp_autocast, num_updates=num_updates, start_batch=start_batch,
             batches_per_epoch=batches_per_epoch)
 
-        eval_metrics: Dict[str, float] = OrderedDict()
+        eval_metrics: dict[str, float] = OrderedDict()
         if eval_loader is not None:
             eval_metrics = validate(utils.unwrap_model(task.get_eval_model()), eval_loader, args, device)
             if args.model_ema and not args.model_ema_force_cpu:
                 ema_metrics = validate(task.get_eval_model(ema=True), eval_loader, args, device)
                 eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
-        if isinstance(task, SHDDistillationTask):
-            task.distiller.clear()  # validation forwards recorded student q/k; free them
         metric = eval_metrics.get(eval_metric)
         lrs = [group['lr'] for group in optimizer.param_groups]  # the epoch's LR, logged as timm does
         if lr_scheduler is not None:

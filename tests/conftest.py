@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from shd_plugins.data import write_digits_imagefolder
+from shd_plugins.demo.data import write_digits_imagefolder
 
 DIGITS_IMAGE_SIZE = 32
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope='session')
 def digits_imagefolder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of the digits ImageFolder (``root/train``, ``root/val``; 32x32 grayscale PNGs), written once."""
-    root = tmp_path_factory.mktemp("digits")
+    root = tmp_path_factory.mktemp('digits')
     write_digits_imagefolder(root, image_size=DIGITS_IMAGE_SIZE)
     return root
 

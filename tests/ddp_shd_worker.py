@@ -5,9 +5,9 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tiny_models import tiny_vit
 
 from shd_plugins import SHDDistiller
-from tiny_models import tiny_vit
 
 
 def main(out_dir: str) -> None:
@@ -20,8 +20,9 @@ def main(out_dir: str) -> None:
     x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
     for _ in range(2):  # a second step proves DDP's reducer saw every gradient of the first
         ddp_student.zero_grad()
-        distiller.teacher_forward(x)
-        logits = ddp_student(x)
+        with distiller.recording():
+            distiller.teacher_forward(x)
+            logits = ddp_student(x)
         loss = F.cross_entropy(logits, y) + distiller.compute_loss().loss
         loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in student.named_parameters()}

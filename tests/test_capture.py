@@ -7,9 +7,9 @@ from diffusers import DDPMScheduler, DiTPipeline, PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 from timm.layers import AttentionRope
 from timm.layers.diff_attention import DiffAttention
+from tiny_models import dit_inputs, tiny_dit, tiny_vae, tiny_vit
 
 from shd_plugins import AttentionCapture, find_attention_layers
-from tiny_models import dit_inputs, tiny_dit, tiny_vae, tiny_vit
 
 
 def set_timm_fused(model, fused: bool) -> None:
@@ -27,7 +27,7 @@ def test_timm_outputs_are_bit_identical_with_capture(fused):
     set_timm_fused(model, fused)
     x = torch.randn(3, 3, 32, 32)
     reference = model(x)
-    with AttentionCapture(model, record_values=True):
+    with AttentionCapture(model, record_values=True) as capture, capture.recording():
         captured = model(x)
     assert torch.equal(reference, captured)
     assert all_hooks(model) == 0
@@ -40,7 +40,7 @@ def test_diffusers_outputs_are_bit_identical_with_capture(processor):
         layer.module.set_processor(processor())
     inputs = dit_inputs()
     reference = model(**inputs).sample
-    with AttentionCapture(model, record_values=True):
+    with AttentionCapture(model, record_values=True) as capture, capture.recording():
         captured = model(**inputs).sample
     assert torch.equal(reference, captured)
     assert all_hooks(model) == 0
@@ -55,7 +55,8 @@ def test_timm_captured_maps_equal_the_unfused_path(qk_norm):
         layer.module.attn_drop.register_forward_hook(lambda m, a, out, i=i: probs.__setitem__(i, out))
     x = torch.randn(2, 3, 32, 32)
     with AttentionCapture(model) as capture:
-        model(x)
+        with capture.recording():
+            model(x)
         for i in capture.selected:
             torch.testing.assert_close(capture[i].logits().softmax(-1), probs[i], rtol=1e-5, atol=1e-6)
 
@@ -73,7 +74,8 @@ def test_diffusers_captured_maps_equal_the_math_path():
             return probs[i]
         attn.get_attention_scores = record
     with AttentionCapture(model, record_values=True) as capture:
-        model(**dit_inputs())
+        with capture.recording():
+            model(**dit_inputs())
         for i in capture.selected:
             rec = capture[i]
             heads = rec.q.shape[1]
@@ -93,7 +95,7 @@ def test_pixart_self_attention_is_captured_and_cross_attention_skipped():
     inputs = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 12),
                   timestep=torch.tensor([10]), added_cond_kwargs={'resolution': None, 'aspect_ratio': None})
     reference = model(**inputs).sample
-    with AttentionCapture(model) as capture:
+    with AttentionCapture(model) as capture, capture.recording():
         assert torch.equal(model(**inputs).sample, reference)
         assert capture[1].logits().shape == (1, 2, 16, 16)
 
@@ -102,12 +104,12 @@ def test_diffusers_fused_qkv_projections():
     torch.manual_seed(0)
     attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
     x = torch.randn(2, 5, 16)
-    with AttentionCapture(attn, record_values=True) as capture:
+    with AttentionCapture(attn, record_values=True) as capture, capture.recording():
         attn(x)
         unfused = capture[0]
     attn.fuse_projections()
     attn.set_processor(FusedAttnProcessor2_0())
-    with AttentionCapture(attn, record_values=True) as capture:
+    with AttentionCapture(attn, record_values=True) as capture, capture.recording():
         attn(x)
         fused = capture[0]
     torch.testing.assert_close(fused.logits(), unfused.logits())
@@ -116,10 +118,10 @@ def test_diffusers_fused_qkv_projections():
 
 def test_only_selected_layers_are_recorded():
     model = tiny_vit(depth=4).eval()
-    with AttentionCapture(model, layers=[1, 3]) as capture:
+    with AttentionCapture(model, layers=[1, 3]) as capture, capture.recording():
         model(torch.randn(1, 3, 32, 32))
         assert capture[3].q.shape == (1, 4, 17, 8)
-        with pytest.raises(RuntimeError, match="No attention was recorded for layer 0"):
+        with pytest.raises(RuntimeError, match='No attention was recorded for layer 0'):
             capture[0]
     with pytest.raises(ValueError, match='Layer index 4 out of range: the model has 4 attention layers'):
         AttentionCapture(model, layers=[4])
@@ -129,11 +131,29 @@ def test_deepcopy_of_a_captured_model_does_not_record_into_the_capture():
     student = tiny_vit()
     capture = AttentionCapture(student)
     ema = copy.deepcopy(student)  # what EMA helpers do
-    ema(torch.randn(1, 3, 32, 32))
+    with capture.recording():
+        ema(torch.randn(1, 3, 32, 32))
     with pytest.raises(RuntimeError, match='No attention was recorded'):
         capture[0]
-    student(torch.randn(1, 3, 32, 32))
+    with capture.recording():
+        student(torch.randn(1, 3, 32, 32))
     assert capture[0].q.shape == (1, 4, 17, 8)
+    capture.remove()
+
+
+def test_forwards_outside_recording_leave_nothing_behind():
+    model = tiny_vit().eval()
+    capture = AttentionCapture(model)
+    model(torch.randn(1, 3, 32, 32))  # an evaluation or sampling forward
+    assert capture._slots == {}
+    with pytest.raises(RuntimeError, match='inside `with capture.recording\\(\\):`'):
+        capture[0]
+    with capture.recording():
+        model(torch.randn(2, 3, 32, 32))
+    model(torch.randn(5, 3, 32, 32))  # does not overwrite what the recorded forward left
+    assert capture[0].q.shape[0] == 2
+    with capture.recording():  # entering drops the previous step's tensors
+        assert capture._slots == {}
     capture.remove()
 
 
@@ -163,6 +183,6 @@ def test_dit_pipeline_sampling_is_identical_with_capture_installed():
                     generator=torch.Generator().manual_seed(0), output_type='np').images
 
     reference = sample()
-    with AttentionCapture(pipe.transformer, record_values=True) as capture:
+    with AttentionCapture(pipe.transformer, record_values=True) as capture, capture.recording():
         assert (sample() == reference).all()
         assert capture[0].q.shape[0] == 4  # guidance doubles the batch

@@ -8,9 +8,9 @@ import pytest
 import timm
 import torch
 from timm.layers import set_reentrant_ckpt
+from tiny_models import dit_inputs, tiny_dit, tiny_vit
 
 from shd_plugins import SHDDistiller
-from tiny_models import dit_inputs, tiny_dit, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,9 @@ def hook_count(model):
 
 
 def vit_step(distiller, teacher, student, x):
-    distiller.teacher_forward(x)
-    student(x)
+    with distiller.recording():
+        distiller.teacher_forward(x)
+        student(x)
     return distiller.compute_loss()
 
 
@@ -53,8 +54,9 @@ def test_dit_distillation_trains_the_student_to_the_squeezed_maps():
     inputs = dit_inputs(batch=4)
     losses = []
     for _ in range(30):
-        distiller.teacher_forward(**inputs)
-        student(**inputs)
+        with distiller.recording():
+            distiller.teacher_forward(**inputs)
+            student(**inputs)
         loss = distiller.compute_loss().loss
         optimizer.zero_grad()
         loss.backward()
@@ -120,8 +122,9 @@ def test_diffusers_gradient_checkpointing_gives_the_same_gradients():
     def grads():
         student.zero_grad()
         with SHDDistiller(teacher, student) as distiller:
-            distiller.teacher_forward(**inputs)
-            student(**inputs)
+            with distiller.recording():
+                distiller.teacher_forward(**inputs)
+                student(**inputs)
             distiller.compute_loss().loss.backward()
         return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
@@ -137,12 +140,14 @@ def test_an_ema_copy_made_after_installation_does_not_disturb_the_step():
     x = torch.randn(2, 3, 32, 32)
     distiller = SHDDistiller(teacher, student)
     ema = timm.utils.ModelEmaV3(student, decay=0.9)
-    distiller.teacher_forward(x)
-    student(x)
+    with distiller.recording():
+        distiller.teacher_forward(x)
+        student(x)
     expected = distiller.compute_loss().loss
-    distiller.teacher_forward(x)
-    student(x)
-    ema.module(torch.randn(2, 3, 32, 32))  # the EMA copy's forward between student forward and loss
+    with distiller.recording():
+        distiller.teacher_forward(x)
+        student(x)
+        ema.module(torch.randn(2, 3, 32, 32))  # the EMA copy's forward between student forward and loss
     torch.testing.assert_close(distiller.compute_loss().loss, expected)
     distiller.remove()
 

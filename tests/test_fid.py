@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from shd_plugins.fid import (
+from shd_plugins.evaluation.fid import (
     INCEPTION,
     FeatureStats,
     MissingInceptionWeightsError,
@@ -33,7 +33,7 @@ from shd_plugins.fid import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-VIT_KWARGS = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
+VIT_KWARGS = {'patch_size': 4, 'embed_dim': 32, 'depth': 1, 'num_heads': 2}
 TIMM = dict(num_classes=10, in_chans=1, img_size=16, model_kwargs=VIT_KWARGS)
 
 
@@ -45,26 +45,26 @@ def digits_uint8(classes: set[int], count: int) -> np.ndarray:
     return images.round().astype(np.uint8)[..., None]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def low_digits() -> np.ndarray:
     return digits_uint8({0, 1, 2, 3, 4}, 120)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def high_digits() -> np.ndarray:
     return digits_uint8({5, 6, 7, 8, 9}, 100)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def timm_extractor(tmp_path_factory) -> str:
     """A tiny randomly initialised 1-channel ViT, saved as a timm train checkpoint and registered."""
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=16, **VIT_KWARGS)
-    path = tmp_path_factory.mktemp("vit") / "checkpoint.pth.tar"
-    torch.save({"state_dict": model.state_dict(), "epoch": 0}, path)
-    name, layer = register_timm_feature_extractor("vit_tiny_patch16_224", path, **TIMM)
-    assert layer == "pre_logits"
-    assert register_timm_feature_extractor("vit_tiny_patch16_224", path, **TIMM)[0] == name  # idempotent
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, in_chans=1, img_size=16, **VIT_KWARGS)
+    path = tmp_path_factory.mktemp('vit') / 'checkpoint.pth.tar'
+    torch.save({'state_dict': model.state_dict(), 'epoch': 0}, path)
+    name, layer = register_timm_feature_extractor('vit_tiny_patch16_224', path, **TIMM)
+    assert layer == 'pre_logits'
+    assert register_timm_feature_extractor('vit_tiny_patch16_224', path, **TIMM)[0] == name  # idempotent
     return name
 
 
@@ -81,196 +81,196 @@ def test_fid_self_zero_other_larger_and_equal_to_scipy(timm_extractor, low_digit
     same = compute_metrics(low_digits, low_digits, feature_extractor=timm_extractor, verbose=False, kid_subsets=10)
     other = compute_metrics(low_digits, high_digits, feature_extractor=timm_extractor, verbose=False, kid_subsets=10)
 
-    assert same["tool"] == "torch-fidelity" and same["tool_version"]
-    assert same["feature_extractor"] == timm_extractor and same["feature_extractor_config"]["kind"] == "timm"
-    assert (other["num_samples"], other["num_reference"]) == (120, 100)
-    assert other["settings"]["kid_subset_size"] == 100  # clipped to the smaller set
-    assert other["feature_layers"] == {"isc": "logits", "fid": "pre_logits", "kid": "pre_logits", "prc": "pre_logits"}
-    assert set(other["metrics"]) >= {
-        "frechet_inception_distance", "inception_score_mean", "kernel_inception_distance_mean", "precision", "recall",
+    assert same['tool'] == 'torch-fidelity' and same['tool_version']
+    assert same['feature_extractor'] == timm_extractor and same['feature_extractor_config']['kind'] == 'timm'
+    assert (other['num_samples'], other['num_reference']) == (120, 100)
+    assert other['settings']['kid_subset_size'] == 100  # clipped to the smaller set
+    assert other['feature_layers'] == {'isc': 'logits', 'fid': 'pre_logits', 'kid': 'pre_logits', 'prc': 'pre_logits'}
+    assert set(other['metrics']) >= {
+        'frechet_inception_distance', 'inception_score_mean', 'kernel_inception_distance_mean', 'precision', 'recall',
     }
-    assert abs(same["metrics"]["frechet_inception_distance"]) < 1e-3
-    assert same["metrics"]["precision"] == same["metrics"]["recall"] == 1.0
-    fid = other["metrics"]["frechet_inception_distance"]
-    assert fid > 1000 * abs(same["metrics"]["frechet_inception_distance"])
+    assert abs(same['metrics']['frechet_inception_distance']) < 1e-3
+    assert same['metrics']['precision'] == same['metrics']['recall'] == 1.0
+    fid = other['metrics']['frechet_inception_distance']
+    assert fid > 1000 * abs(same['metrics']['frechet_inception_distance'])
 
-    features = [extract_features(x, timm_extractor)["pre_logits"] for x in (low_digits, high_digits)]
-    assert features[0].shape == (120, VIT_KWARGS["embed_dim"])
+    features = [extract_features(x, timm_extractor)['pre_logits'] for x in (low_digits, high_digits)]
+    assert features[0].shape == (120, VIT_KWARGS['embed_dim'])
     assert fid == pytest.approx(scipy_frechet(*features), rel=1e-4)
     json.dumps(other)  # JSON-ready
 
 
 def test_reference_as_precomputed_statistics(tmp_path, timm_extractor, low_digits, high_digits):
-    stats_npz = save_reference_stats(high_digits, tmp_path / "ref_stats.npz", feature_extractor=timm_extractor)
+    stats_npz = save_reference_stats(high_digits, tmp_path / 'ref_stats.npz', feature_extractor=timm_extractor)
     with_images = compute_metrics(
         low_digits, high_digits, feature_extractor=timm_extractor, isc=False, kid=False, prc=False, verbose=False
     )
     from_stats = compute_metrics(low_digits, stats_npz, feature_extractor=timm_extractor, verbose=False)
-    assert from_stats["reference"]["kind"] == "statistics" and from_stats["num_reference"] is None
-    assert from_stats["reference"]["fid_from"] == "precomputed mu/sigma"
-    assert set(from_stats["skipped"]) == {"kid", "prc"}
-    assert "inception_score_mean" in from_stats["metrics"]  # IS needs the samples only
-    assert from_stats["metrics"]["frechet_inception_distance"] == pytest.approx(
-        with_images["metrics"]["frechet_inception_distance"], rel=1e-6
+    assert from_stats['reference']['kind'] == 'statistics' and from_stats['num_reference'] is None
+    assert from_stats['reference']['fid_from'] == 'precomputed mu/sigma'
+    assert set(from_stats['skipped']) == {'kid', 'prc'}
+    assert 'inception_score_mean' in from_stats['metrics']  # IS needs the samples only
+    assert from_stats['metrics']['frechet_inception_distance'] == pytest.approx(
+        with_images['metrics']['frechet_inception_distance'], rel=1e-6
     )
 
     # ADM reference batches hold both: FID from mu/sigma, KID and precision/recall from arr_0.
     npz = np.load(stats_npz)
-    both = tmp_path / "adm_style.npz"
-    np.savez(both, arr_0=high_digits, mu=npz["mu"], sigma=npz["sigma"])
+    both = tmp_path / 'adm_style.npz'
+    np.savez(both, arr_0=high_digits, mu=npz['mu'], sigma=npz['sigma'])
     full = compute_metrics(low_digits, both, feature_extractor=timm_extractor, isc=False, verbose=False, kid_subsets=5)
-    assert full["reference"]["kind"] == "statistics+images" and not full["skipped"]
-    assert full["metrics"]["frechet_inception_distance"] == pytest.approx(
-        from_stats["metrics"]["frechet_inception_distance"], rel=1e-9
+    assert full['reference']['kind'] == 'statistics+images' and not full['skipped']
+    assert full['metrics']['frechet_inception_distance'] == pytest.approx(
+        from_stats['metrics']['frechet_inception_distance'], rel=1e-9
     )
-    assert {"kernel_inception_distance_mean", "precision", "recall"} <= set(full["metrics"])
+    assert {'kernel_inception_distance_mean', 'precision', 'recall'} <= set(full['metrics'])
 
-    (tmp_path / "inception.pth").write_bytes(b"")  # only checked for presence before the mismatch is found
-    with pytest.raises(ValueError, match="were made with"):
-        compute_metrics(low_digits, stats_npz, inception_weights=tmp_path / "inception.pth", verbose=False)
+    (tmp_path / 'inception.pth').write_bytes(b'')  # only checked for presence before the mismatch is found
+    with pytest.raises(ValueError, match='were made with'):
+        compute_metrics(low_digits, stats_npz, inception_weights=tmp_path / 'inception.pth', verbose=False)
 
-    wrong = tmp_path / "wrong_dim.npz"
+    wrong = tmp_path / 'wrong_dim.npz'
     np.savez(wrong, mu=np.zeros(7), sigma=np.eye(7))
-    with pytest.raises(ValueError, match="feature sizes"):
+    with pytest.raises(ValueError, match='feature sizes'):
         compute_metrics(low_digits, wrong, feature_extractor=timm_extractor, isc=False, verbose=False)
 
 
 def test_images_io(tmp_path, low_digits):
-    path = save_npz(low_digits, tmp_path / "samples.npz")
+    path = save_npz(low_digits, tmp_path / 'samples.npz')
     with np.load(path) as npz:
-        assert npz.files == ["arr_0"] and npz["arr_0"].dtype == np.uint8
+        assert npz.files == ['arr_0'] and npz['arr_0'].dtype == np.uint8
     np.testing.assert_array_equal(load_images(path), low_digits)
 
-    folder = tmp_path / "folder" / "nested"
+    folder = tmp_path / 'folder' / 'nested'
     folder.mkdir(parents=True)
     for i, image in enumerate(low_digits[:5]):
-        Image.fromarray(image[..., 0]).save(folder / f"{i:03d}.png")
-    from_folder = load_images(tmp_path / "folder")
+        Image.fromarray(image[..., 0]).save(folder / f'{i:03d}.png')
+    from_folder = load_images(tmp_path / 'folder')
     assert from_folder.shape == (5, 16, 16, 3)  # folders are read as RGB
     np.testing.assert_array_equal(from_folder[..., 1:2], low_digits[:5])
-    assert len(load_reference(tmp_path / "folder").images) == 5
+    assert len(load_reference(tmp_path / 'folder').images) == 5
 
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="No images"):
-        load_images(tmp_path / "empty")
-    with pytest.raises(ValueError, match="No images"):
-        compute_metrics(tmp_path / "empty", low_digits, feature_extractor=INCEPTION, inception_weights=path)
-    with pytest.raises(ValueError, match="uint8"):
-        save_npz(low_digits.astype(np.float32), tmp_path / "bad.npz")
-    (tmp_path / "corrupt.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="corrupt.npz"):
-        load_reference(tmp_path / "corrupt.npz")
-    np.savez(tmp_path / "other_keys.npz", x=np.zeros(3))
-    with pytest.raises(ValueError, match="arr_0"):
-        load_reference(tmp_path / "other_keys.npz")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_reference(tmp_path / "missing.npz")
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='No images'):
+        load_images(tmp_path / 'empty')
+    with pytest.raises(ValueError, match='No images'):
+        compute_metrics(tmp_path / 'empty', low_digits, feature_extractor=INCEPTION, inception_weights=path)
+    with pytest.raises(ValueError, match='uint8'):
+        save_npz(low_digits.astype(np.float32), tmp_path / 'bad.npz')
+    (tmp_path / 'corrupt.npz').write_bytes(b'not a zip')
+    with pytest.raises(ValueError, match='corrupt.npz'):
+        load_reference(tmp_path / 'corrupt.npz')
+    np.savez(tmp_path / 'other_keys.npz', x=np.zeros(3))
+    with pytest.raises(ValueError, match='arr_0'):
+        load_reference(tmp_path / 'other_keys.npz')
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        load_reference(tmp_path / 'missing.npz')
 
 
 def test_missing_inception_weights_offline(tmp_path, monkeypatch, low_digits):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    expected = tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    expected = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'weights-inception-2015-12-05-6726825d.pth'
     assert default_inception_weights_path() == expected
     with pytest.raises(MissingInceptionWeightsError) as info:
         compute_metrics(low_digits, low_digits, verbose=False)
     message = str(info.value)
-    assert "weights-inception-2015-12-05-6726825d.pth" in message
-    assert str(expected.parent) in message and "--inception_weights PATH" in message
+    assert 'weights-inception-2015-12-05-6726825d.pth' in message
+    assert str(expected.parent) in message and '--inception_weights PATH' in message
     assert not expected.exists()  # nothing was downloaded
-    with pytest.raises(MissingInceptionWeightsError, match="nope.pth"):
-        resolve_inception_weights(tmp_path / "nope.pth")
+    with pytest.raises(MissingInceptionWeightsError, match='nope.pth'):
+        resolve_inception_weights(tmp_path / 'nope.pth')
     assert resolve_inception_weights(allow_download=True) is None
 
     expected.parent.mkdir(parents=True)
-    expected.write_bytes(b"")  # only its presence is checked here
+    expected.write_bytes(b'')  # only its presence is checked here
     assert resolve_inception_weights() == str(expected)
 
 
 def test_feature_stats_validation():
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(ValueError, match='sigma'):
         FeatureStats(np.zeros(3), np.eye(4))
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("eval_fid_cli", REPO / "eval" / "fid.py")
+    spec = importlib.util.spec_from_file_location('eval_fid_cli', REPO / 'eval' / 'fid.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_cli_scores_samples_with_timm_extractor(tmp_path, timm_extractor, low_digits, high_digits):
-    samples = save_npz(low_digits, tmp_path / "in" / "samples.npz")
-    reference = tmp_path / "reference"
+    samples = save_npz(low_digits, tmp_path / 'in' / 'samples.npz')
+    reference = tmp_path / 'reference'
     for i, image in enumerate(high_digits):
         (reference / str(i % 10)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image[..., 0]).save(reference / str(i % 10) / f"{i}.png")
-    checkpoint = tmp_path / "vit_state_dict.pth"
+        Image.fromarray(image[..., 0]).save(reference / str(i % 10) / f'{i}.png')
+    checkpoint = tmp_path / 'vit_state_dict.pth'
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=16, **VIT_KWARGS)
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, in_chans=1, img_size=16, **VIT_KWARGS)
     torch.save(model.state_dict(), checkpoint)
-    out = tmp_path / "out"
+    out = tmp_path / 'out'
     cmd = [
-        sys.executable, str(REPO / "eval" / "fid.py"), "--samples", str(samples), "--reference", str(reference),
-        "--feature_extractor", "timm", "--fe_model_name", "vit_tiny_patch16_224", "--fe_checkpoint", str(checkpoint),
-        "--fe_num_classes", "10", "--fe_in_chans", "1", "--fe_img_size", "16",
-        "--fe_model_kwargs", *(f"{k}={v}" for k, v in VIT_KWARGS.items()),
-        "--kid_subsets", "10", "--output_dir", str(out), "--no_progress",
+        sys.executable, str(REPO / 'eval' / 'fid.py'), '--samples', str(samples), '--reference', str(reference),
+        '--feature_extractor', 'timm', '--fe_model_name', 'vit_tiny_patch16_224', '--fe_checkpoint', str(checkpoint),
+        '--fe_num_classes', '10', '--fe_in_chans', '1', '--fe_img_size', '16',
+        '--fe_model_kwargs', *(f'{k}={v}' for k, v in VIT_KWARGS.items()),
+        '--kid_subsets', '10', '--output_dir', str(out), '--no_progress',
     ]
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")}
+    env = {**os.environ, 'TORCH_HOME': str(tmp_path / 'torch_home')}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "fid_results.json").read_text())
-    assert results["tool"] == "torch-fidelity" and results["feature_extractor"].startswith("timm-vit_tiny")
-    assert results["num_samples"] == 120 and results["num_reference"] == 100
-    assert results["reference"]["kind"] == "images"
-    assert results["args"]["fe_model_kwargs"] == VIT_KWARGS
+    results = json.loads((out / 'fid_results.json').read_text())
+    assert results['tool'] == 'torch-fidelity' and results['feature_extractor'].startswith('timm-vit_tiny')
+    assert results['num_samples'] == 120 and results['num_reference'] == 100
+    assert results['reference']['kind'] == 'images'
+    assert results['args']['fe_model_kwargs'] == VIT_KWARGS
     # Same model, same data: the CLI (PNG reference read by torch-fidelity) matches the in-process value.
     direct = compute_metrics(low_digits, high_digits, feature_extractor=timm_extractor, isc=False, kid=False,
                              prc=False, verbose=False)
-    assert results["metrics"]["frechet_inception_distance"] == pytest.approx(
-        direct["metrics"]["frechet_inception_distance"], rel=1e-5
+    assert results['metrics']['frechet_inception_distance'] == pytest.approx(
+        direct['metrics']['frechet_inception_distance'], rel=1e-5
     )
-    np.testing.assert_array_equal(np.load(out / "samples.npz")["arr_0"], low_digits)
-    assert Image.open(out / "samples_grid.png").size == (8 * 16, 8 * 16)
+    np.testing.assert_array_equal(np.load(out / 'samples.npz')['arr_0'], low_digits)
+    assert Image.open(out / 'samples_grid.png').size == (8 * 16, 8 * 16)
 
     # Offline without Inception weights: a clear error, before anything is written.
     proc = subprocess.run(
-        [sys.executable, str(REPO / "eval" / "fid.py"), "--samples", str(samples), "--reference", str(reference),
-         "--output_dir", str(tmp_path / "out2")],
+        [sys.executable, str(REPO / 'eval' / 'fid.py'), '--samples', str(samples), '--reference', str(reference),
+         '--output_dir', str(tmp_path / 'out2')],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
-    assert proc.returncode != 0 and "--inception_weights PATH" in proc.stderr
-    assert not (tmp_path / "out2").exists()
+    assert proc.returncode != 0 and '--inception_weights PATH' in proc.stderr
+    assert not (tmp_path / 'out2').exists()
 
 
 def test_cli_generates_from_a_trained_folder(tmp_path, timm_extractor, high_digits):
     from diffusers import DiTTransformer2DModel
 
-    model_dir = tmp_path / "model"
+    model_dir = tmp_path / 'model'
     DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=1, sample_size=8,
         patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8,
-    ).save_pretrained(model_dir / "transformer")
-    (model_dir / "sample_config.json").write_text(json.dumps({"num_classes": 10, "pixel_space": True}))
-    reference = save_npz(high_digits, tmp_path / "ref.npz")
+    ).save_pretrained(model_dir / 'transformer')
+    (model_dir / 'sample_config.json').write_text(json.dumps({'num_classes': 10, 'pixel_space': True}))
+    reference = save_npz(high_digits, tmp_path / 'ref.npz')
     cli = _load_cli()
-    checkpoint = FEATURE_EXTRACTORS_REGISTRY[timm_extractor].timm_config["checkpoint"]
+    checkpoint = FEATURE_EXTRACTORS_REGISTRY[timm_extractor].timm_config['checkpoint']
     results = cli.main([
-        "--model_path", str(model_dir), "--num_samples", "12", "--batch_size", "5", "--num_inference_steps", "2",
-        "--reference", str(reference), "--metrics", "fid", "kid", "--kid_subsets", "5",
-        "--feature_extractor", "timm", "--fe_model_name", "vit_tiny_patch16_224", "--fe_checkpoint", checkpoint,
-        "--fe_num_classes", "10", "--fe_in_chans", "1", "--fe_img_size", "16",
-        "--fe_model_kwargs", json.dumps(VIT_KWARGS),
-        "--output_dir", str(tmp_path / "out"), "--no_progress",
+        '--model_path', str(model_dir), '--num_samples', '12', '--batch_size', '5', '--num_inference_steps', '2',
+        '--reference', str(reference), '--metrics', 'fid', 'kid', '--kid_subsets', '5',
+        '--feature_extractor', 'timm', '--fe_model_name', 'vit_tiny_patch16_224', '--fe_checkpoint', checkpoint,
+        '--fe_num_classes', '10', '--fe_in_chans', '1', '--fe_img_size', '16',
+        '--fe_model_kwargs', json.dumps(VIT_KWARGS),
+        '--output_dir', str(tmp_path / 'out'), '--no_progress',
     ])
-    assert results["num_samples"] == 12 and results["generation"]["rank_seeds"] == [0]
-    assert results["generation"]["null_class_id"] == 10
-    assert set(results["metrics"]) == {"frechet_inception_distance", "kernel_inception_distance_mean",
-                                       "kernel_inception_distance_std"}
-    samples = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    assert results['num_samples'] == 12 and results['generation']['rank_seeds'] == [0]
+    assert results['generation']['null_class_id'] == 10
+    assert set(results['metrics']) == {'frechet_inception_distance', 'kernel_inception_distance_mean',
+                                       'kernel_inception_distance_std'}
+    samples = np.load(tmp_path / 'out' / 'samples.npz')['arr_0']
     assert samples.shape == (12, 8, 8, 1) and samples.dtype == np.uint8
-    saved = json.loads((tmp_path / "out" / "fid_results.json").read_text())
-    assert saved["args"]["num_inference_steps"] == 2 and saved["metric_settings"]["kid_subset_size"] == 12
+    saved = json.loads((tmp_path / 'out' / 'fid_results.json').read_text())
+    assert saved['args']['num_inference_steps'] == 2 and saved['metric_settings']['kid_subset_size'] == 12
 
 
 @pytest.mark.slow
@@ -282,11 +282,11 @@ def test_inception_path_with_local_weights(tmp_path, low_digits, high_digits):
         def load_state_dict(self, state_dict, strict=True):  # keep the random init: no weights exist offline
             return None
 
-    torch.save({}, tmp_path / "empty.pth")
-    weights = tmp_path / "inception_random.pth"
-    random_init = RandomInception("x", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+    torch.save({}, tmp_path / 'empty.pth')
+    weights = tmp_path / 'inception_random.pth'
+    random_init = RandomInception('x', ['2048'], feature_extractor_weights_path=str(tmp_path / 'empty.pth'))
     torch.save(random_init.state_dict(), weights)
     results = compute_metrics(low_digits[:5], high_digits[:5], inception_weights=weights, verbose=False, kid_subsets=2)
-    assert results["feature_extractor"] == INCEPTION and results["feature_extractor_config"]["weights"] == str(weights)
-    assert results["feature_layers"] == {"isc": "logits_unbiased", "fid": "2048", "kid": "2048", "prc": "2048"}
-    assert set(results["metrics"]) >= {"frechet_inception_distance", "inception_score_mean", "precision"}
+    assert results['feature_extractor'] == INCEPTION and results['feature_extractor_config']['weights'] == str(weights)
+    assert results['feature_layers'] == {'isc': 'logits_unbiased', 'fid': '2048', 'kid': '2048', 'prc': '2048'}
+    assert set(results['metrics']) >= {'frechet_inception_distance', 'inception_score_mean', 'precision'}

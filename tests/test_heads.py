@@ -1,9 +1,10 @@
 """Head grouping: the documented groups and the invariants of both modes."""
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shd_plugins import head_groups, merge_schedule
-from shd_plugins.heads import num_merges
+from shd_plugins.core.heads import num_merges
 
 DOCUMENTED_PROGRESSIVE = {
     (9, 3): [[0, 1, 2, 3], [4, 5, 6, 7], [8]],

@@ -2,7 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shd_plugins import logit_kd_loss, merge_heads, output_mse_loss, resolve_loss_weights, shd_loss
 

@@ -1,10 +1,11 @@
 """The closed-form squeeze against brute force and dense evaluation."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shd_plugins import head_groups, merge_heads
-from shd_plugins.merge import pair_alpha, reconstruction_error
+from shd_plugins.core.merge import pair_alpha, reconstruction_error
 
 
 def random_layer(batch, heads, tokens, head_dim, width, seed, dtype=torch.float64):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from timm.task import DistillationTeacher, LogitDistillationTask
 
 from shd_plugins import SHDDistiller
-from shd_plugins.timm_task import SHDDistillationTask, add_shd_args, create_distillation_teacher
+from shd_plugins.timm.task import SHDDistillationTask, add_shd_args, create_distillation_teacher
 
 MODEL = 'vit_tiny_patch16_224'
 STUDENT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)

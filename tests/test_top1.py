@@ -15,15 +15,15 @@ from PIL import Image
 from timm.data import create_transform, resolve_input_data_config
 from timm.utils import natural_key
 
-from shd_plugins.top1 import build_eval_loader, evaluate_classifier
+from shd_plugins.evaluation.top1 import build_eval_loader, evaluate_classifier
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = REPO / "eval" / "top1.py"
-MODEL_NAME = "vit_tiny_patch16_224"
+CLI = REPO / 'eval' / 'top1.py'
+MODEL_NAME = 'vit_tiny_patch16_224'
 MODEL_KWARGS = dict(patch_size=8, embed_dim=32, depth=2, num_heads=4)
 MODEL_ARGS = [
-    "--model", MODEL_NAME, "--num-classes", "10", "--in-chans", "1", "--img-size", "32",
-    "--model-kwargs", *[f"{k}={v}" for k, v in MODEL_KWARGS.items()],
+    '--model', MODEL_NAME, '--num-classes', '10', '--in-chans', '1', '--img-size', '32',
+    '--model-kwargs', *[f'{k}={v}' for k, v in MODEL_KWARGS.items()],
 ]
 
 
@@ -34,7 +34,7 @@ def _tiny_vit(num_classes: int = 10, in_chans: int = 1) -> torch.nn.Module:
 def _plain_loop(model: torch.nn.Module, split_dir: Path) -> dict[str, float]:
     """Reference: open each PNG, apply the model's create_transform, count argmax hits (timm's file order)."""
     transform = create_transform(**resolve_input_data_config(model, use_test_size=True))
-    samples = [(p, int(p.parent.name)) for p in split_dir.glob("*/*.png")]
+    samples = [(p, int(p.parent.name)) for p in split_dir.glob('*/*.png')]
     samples.sort(key=lambda s: natural_key(str(s[0])))
     model.eval()
     correct1 = correct5 = 0
@@ -42,102 +42,102 @@ def _plain_loop(model: torch.nn.Module, split_dir: Path) -> dict[str, float]:
     with torch.inference_mode():
         for start in range(0, len(samples), 64):
             batch = samples[start:start + 64]
-            images = torch.stack([transform(Image.open(p).convert("L")) for p, _ in batch])
+            images = torch.stack([transform(Image.open(p).convert('L')) for p, _ in batch])
             targets = torch.tensor([t for _, t in batch])
             logits = model(images)
             correct1 += int((logits.argmax(1) == targets).sum())
             correct5 += int((logits.topk(5, 1).indices == targets[:, None]).any(1).sum())
-            loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-    return {"correct1": correct1, "correct5": correct5, "loss": loss_sum / len(samples), "n": len(samples)}
+            loss_sum += float(F.cross_entropy(logits, targets, reduction='sum'))
+    return {'correct1': correct1, 'correct5': correct5, 'loss': loss_sum / len(samples), 'n': len(samples)}
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(CLI), *MODEL_ARGS, "-b", "64", "-j", "0", "--device", "cpu", "--no-progress", *args]
+    cmd = [sys.executable, str(CLI), *MODEL_ARGS, '-b', '64', '-j', '0', '--device', 'cpu', '--no-progress', *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def _load_cli_module():
-    spec = importlib.util.spec_from_file_location("eval_top1_cli", CLI)
+    spec = importlib.util.spec_from_file_location('eval_top1_cli', CLI)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def ema_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     """A timm-train-style checkpoint dict with different ``state_dict`` and ``state_dict_ema`` weights."""
     torch.manual_seed(1)
     model, ema = _tiny_vit(), _tiny_vit()
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth.tar"
-    checkpoint = {"epoch": 3, "arch": MODEL_NAME, "state_dict": model.state_dict(), "state_dict_ema": ema.state_dict()}
+    path = tmp_path_factory.mktemp('ckpt') / 'checkpoint.pth.tar'
+    checkpoint = {'epoch': 3, 'arch': MODEL_NAME, 'state_dict': model.state_dict(), 'state_dict_ema': ema.state_dict()}
     torch.save(checkpoint, path)
     return path, model.state_dict(), ema.state_dict()
 
 
 def test_cli_matches_plain_loop(digits_imagefolder: Path, tmp_path: Path) -> None:
     model = _tiny_vit()
-    checkpoint = tmp_path / "model.pth"
+    checkpoint = tmp_path / 'model.pth'
     torch.save(model.state_dict(), checkpoint)
-    results_file = tmp_path / "out" / "top1.json"
+    results_file = tmp_path / 'out' / 'top1.json'
 
-    proc = _run_cli("--checkpoint", str(checkpoint), "--data-dir", str(digits_imagefolder),
-                    "--results-file", str(results_file))
+    proc = _run_cli('--checkpoint', str(checkpoint), '--data-dir', str(digits_imagefolder),
+                    '--results-file', str(results_file))
     assert proc.returncode == 0, proc.stderr
     results = json.loads(results_file.read_text())
-    assert json.loads(proc.stdout.split("--result\n", 1)[1]) == results
+    assert json.loads(proc.stdout.split('--result\n', 1)[1]) == results
 
-    ref = _plain_loop(model, digits_imagefolder / "val")
-    assert results["num_samples"] == ref["n"] == 359
-    assert results["top1_correct"] == ref["correct1"]
-    assert results["top1"] == round(100.0 * ref["correct1"] / ref["n"], 4)
-    assert results["top5_correct"] == ref["correct5"]
-    assert results["loss"] == pytest.approx(ref["loss"], abs=1e-5)
-    assert {k: results[k] for k in ("model", "checkpoint", "img_size", "crop_pct", "interpolation", "split")} == {
-        "model": MODEL_NAME, "checkpoint": str(checkpoint), "img_size": 32, "crop_pct": 0.9,
-        "interpolation": "bicubic", "split": "val",
+    ref = _plain_loop(model, digits_imagefolder / 'val')
+    assert results['num_samples'] == ref['n'] == 359
+    assert results['top1_correct'] == ref['correct1']
+    assert results['top1'] == round(100.0 * ref['correct1'] / ref['n'], 4)
+    assert results['top5_correct'] == ref['correct5']
+    assert results['loss'] == pytest.approx(ref['loss'], abs=1e-5)
+    assert {k: results[k] for k in ('model', 'checkpoint', 'img_size', 'crop_pct', 'interpolation', 'split')} == {
+        'model': MODEL_NAME, 'checkpoint': str(checkpoint), 'img_size': 32, 'crop_pct': 0.9,
+        'interpolation': 'bicubic', 'split': 'val',
     }
 
 
 def test_use_ema_loads_ema_weights(digits_imagefolder: Path, ema_checkpoint, capsys) -> None:
     path, state_dict, ema_state_dict = ema_checkpoint
     refs = {}
-    for name, sd in (("model", state_dict), ("ema", ema_state_dict)):
+    for name, sd in (('model', state_dict), ('ema', ema_state_dict)):
         model = _tiny_vit()
         model.load_state_dict(sd)
-        refs[name] = _plain_loop(model, digits_imagefolder / "val")
-    assert refs["model"]["loss"] != pytest.approx(refs["ema"]["loss"], abs=1e-4)
+        refs[name] = _plain_loop(model, digits_imagefolder / 'val')
+    assert refs['model']['loss'] != pytest.approx(refs['ema']['loss'], abs=1e-4)
 
-    proc = _run_cli("--checkpoint", str(path), "--use-ema", "--data-dir", str(digits_imagefolder))
+    proc = _run_cli('--checkpoint', str(path), '--use-ema', '--data-dir', str(digits_imagefolder))
     assert proc.returncode == 0, proc.stderr
-    ema_results = json.loads(proc.stdout.split("--result\n", 1)[1])
+    ema_results = json.loads(proc.stdout.split('--result\n', 1)[1])
     plain_results = _load_cli_module().main(
-        [*MODEL_ARGS, "--checkpoint", str(path), "--data-dir", str(digits_imagefolder), "-j", "0", "--no-progress"]
+        [*MODEL_ARGS, '--checkpoint', str(path), '--data-dir', str(digits_imagefolder), '-j', '0', '--no-progress']
     )
-    for results, ref in ((ema_results, refs["ema"]), (plain_results, refs["model"])):
-        assert results["top1_correct"] == ref["correct1"]
-        assert results["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    for results, ref in ((ema_results, refs['ema']), (plain_results, refs['model'])):
+        assert results['top1_correct'] == ref['correct1']
+        assert results['loss'] == pytest.approx(ref['loss'], abs=1e-5)
 
 
 def test_missing_checkpoint_error(digits_imagefolder: Path, tmp_path: Path) -> None:
-    missing = tmp_path / "nope" / "model_best.pth.tar"
-    proc = _run_cli("--checkpoint", str(missing), "--data-dir", str(digits_imagefolder))
+    missing = tmp_path / 'nope' / 'model_best.pth.tar'
+    proc = _run_cli('--checkpoint', str(missing), '--data-dir', str(digits_imagefolder))
     assert proc.returncode == 2
-    assert f"--checkpoint {missing}: no such file" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert f'--checkpoint {missing}: no such file' in proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 def test_errors_in_process(digits_imagefolder: Path, tmp_path: Path, capsys) -> None:
     cli = _load_cli_module()
-    checkpoint = tmp_path / "model.pth"
+    checkpoint = tmp_path / 'model.pth'
     torch.save(_tiny_vit().state_dict(), checkpoint)
-    (tmp_path / "flat").mkdir()
-    Image.new("L", (8, 8)).save(tmp_path / "flat" / "1.png")
+    (tmp_path / 'flat').mkdir()
+    Image.new('L', (8, 8)).save(tmp_path / 'flat' / '1.png')
     cases = [
-        (["--data-dir", str(digits_imagefolder)], "No weights to evaluate: pass --checkpoint PATH"),
-        (["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "flat")],
+        (['--data-dir', str(digits_imagefolder)], 'No weights to evaluate: pass --checkpoint PATH'),
+        (['--checkpoint', str(checkpoint), '--data-dir', str(tmp_path / 'flat')],
          f"{tmp_path / 'flat'} is not an ImageFolder: it holds 1 image file(s) at the top level (e.g. 1.png) but "
          "no class subfolders. Expected layout: <dir>/<class_name>/<image files>"),
-        (["--checkpoint", str(checkpoint), "--data-dir", str(digits_imagefolder), "--split", "test"],
+        (['--checkpoint', str(checkpoint), '--data-dir', str(digits_imagefolder), '--split', 'test'],
          f"There is no 'test' subfolder in {digits_imagefolder}"),
     ]
     for args, message in cases:
@@ -146,19 +146,19 @@ def test_errors_in_process(digits_imagefolder: Path, tmp_path: Path, capsys) -> 
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert message in err, err
-        assert "Traceback" not in err
+        assert 'Traceback' not in err
 
 
 def test_rgb_loader_and_top5_clip(digits_imagefolder: Path) -> None:
     rgb_model = _tiny_vit(num_classes=10, in_chans=3)
-    loader = build_eval_loader(digits_imagefolder, rgb_model, split="val", batch_size=16, workers=0)
+    loader = build_eval_loader(digits_imagefolder, rgb_model, split='val', batch_size=16, workers=0)
     images, targets = next(iter(loader))
     assert images.shape == (16, 3, 32, 32) and targets.dtype == torch.int64
     assert torch.equal(images[:, 0], images[:, 1])  # grayscale PNGs converted to RGB
 
     three_class = _tiny_vit(num_classes=3)
     batches = [(torch.randn(8, 1, 32, 32), torch.randint(0, 3, (8,))) for _ in range(2)]
-    results = evaluate_classifier(three_class, batches, device="cpu", progress=False)
-    assert results["top5"] == 100.0 and results["num_samples"] == 16  # k clipped to num_classes
-    with pytest.raises(ValueError, match="Requested 3 input channels"):
+    results = evaluate_classifier(three_class, batches, device='cpu', progress=False)
+    assert results['top5'] == 100.0 and results['num_samples'] == 16  # k clipped to num_classes
+    with pytest.raises(ValueError, match='Requested 3 input channels'):
         build_eval_loader(digits_imagefolder, three_class, in_chans=3, batch_size=4)

@@ -17,17 +17,17 @@ import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "recipes" / "train_dit.py"
+SCRIPT = REPO / 'recipes' / 'train_dit.py'
 IMAGE_SIZE = 32  # tests/conftest.py writes 32x32 digits
 # Pixel-space, grayscale, learned sigma, 16 tokens (patch 8): the student has fewer heads and layers.
 TINY = dict(in_channels=1, out_channels=2, sample_size=IMAGE_SIZE, patch_size=8, num_embeds_ada_norm=10)
 TEACHER = dict(TINY, num_attention_heads=4, attention_head_dim=8, num_layers=3)
 STUDENT = dict(TINY, num_attention_heads=2, attention_head_dim=8, num_layers=2)
-VIT_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+VIT_KWARGS = {'patch_size': 8, 'embed_dim': 32, 'depth': 1, 'num_heads': 2}
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_dit", SCRIPT)
+    spec = importlib.util.spec_from_file_location('train_dit', SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -38,47 +38,47 @@ train_dit = _load_script()
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
 
 def _write_config(path: Path, config: dict) -> Path:
-    path.write_text(json.dumps({"_class_name": "DiTTransformer2DModel", "_comment": "test", **config}))
+    path.write_text(json.dumps({'_class_name': 'DiTTransformer2DModel', '_comment': 'test', **config}))
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny random teacher (a model folder with transformer/) and the student config."""
-    root = tmp_path_factory.mktemp("train_dit_models")
+    root = tmp_path_factory.mktemp('train_dit_models')
     torch.manual_seed(0)
-    DiTTransformer2DModel(**TEACHER).save_pretrained(root / "teacher" / "transformer")
-    return {"teacher": root / "teacher", "student_config": _write_config(root / "student.json", STUDENT)}
+    DiTTransformer2DModel(**TEACHER).save_pretrained(root / 'teacher' / 'transformer')
+    return {'teacher': root / 'teacher', 'student_config': _write_config(root / 'student.json', STUDENT)}
 
 
 def _train_args(data: Path, models: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
     return [
-        "--train_data_dir", str(data / "train"), "--resolution", str(IMAGE_SIZE),
-        "--model_config", str(models["student_config"]),
-        "--shd_teacher_model_name_or_path", str(models["teacher"]),
-        "--shd_weight", "1.0", "--output_kd_weight", "0.5", "--shd_temperature", "2.0",
-        "--train_batch_size", "8", "--seed", "0", "--report_to", "none", "--output_dir", str(output_dir), *extra,
+        '--train_data_dir', str(data / 'train'), '--resolution', str(IMAGE_SIZE),
+        '--model_config', str(models['student_config']),
+        '--shd_teacher_model_name_or_path', str(models['teacher']),
+        '--shd_weight', '1.0', '--output_kd_weight', '0.5', '--shd_temperature', '2.0',
+        '--train_batch_size', '8', '--seed', '0', '--report_to', 'none', '--output_dir', str(output_dir), *extra,
     ]
 
 
 def _launch(args: list[str], num_processes: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
     """`accelerate launch` on CPU: 1 process with --cpu; 2 CPU processes (gloo) via torchrun + ACCELERATE_USE_CPU."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', str(num_processes),
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
     if num_processes == 1:
-        launch.append("--cpu")
+        launch.append('--cpu')
     else:  # accelerate's --cpu path starts one process unless MPI is set up; this gives MULTI_CPU with gloo
-        launch += ["--multi_gpu", "--main_process_port", str(_free_port())]
-        env["ACCELERATE_USE_CPU"] = "true"
+        launch += ['--multi_gpu', '--main_process_port', str(_free_port())]
+        env['ACCELERATE_USE_CPU'] = 'true'
     result = subprocess.run([*launch, str(SCRIPT), *args], env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, f"train_dit.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, f'train_dit.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}'
     return result
 
 
@@ -88,66 +88,66 @@ def _read_log(output_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_train_resume_sample_and_score(digits_imagefolder, models, tmp_path):
-    out = tmp_path / "run"
-    _launch(_train_args(digits_imagefolder, models, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                        "--checkpoints_total_limit", "1", "--use_ema", "--gradient_checkpointing"))
-    assert (out / "checkpoint-2" / "transformer_ema").is_dir()
+    out = tmp_path / 'run'
+    _launch(_train_args(digits_imagefolder, models, out, '--max_train_steps', '2', '--checkpointing_steps', '2',
+                        '--checkpoints_total_limit', '1', '--use_ema', '--gradient_checkpointing'))
+    assert (out / 'checkpoint-2' / 'transformer_ema').is_dir()
 
-    _launch(_train_args(digits_imagefolder, models, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                        "--checkpoints_total_limit", "1", "--use_ema", "--gradient_checkpointing",
-                        "--resume_from_checkpoint", "latest", "--validation_steps", "4",
-                        "--num_validation_images", "2", "--validation_inference_steps", "2"))
+    _launch(_train_args(digits_imagefolder, models, out, '--max_train_steps', '4', '--checkpointing_steps', '2',
+                        '--checkpoints_total_limit', '1', '--use_ema', '--gradient_checkpointing',
+                        '--resume_from_checkpoint', 'latest', '--validation_steps', '4',
+                        '--num_validation_images', '2', '--validation_inference_steps', '2'))
     log = _read_log(out)
-    resume = [r for r in log if r.get("event") == "resume"]
-    assert len(resume) == 1 and resume[0]["step"] == 2 and resume[0]["resumed_from"].endswith("checkpoint-2")
+    resume = [r for r in log if r.get('event') == 'resume']
+    assert len(resume) == 1 and resume[0]['step'] == 2 and resume[0]['resumed_from'].endswith('checkpoint-2')
     after = log[log.index(resume[0]) + 1:]
-    assert [r["step"] for r in after if "event" not in r] == [3, 4]
-    assert after[-1] == {"event": "end", "step": 4}
+    assert [r['step'] for r in after if 'event' not in r] == [3, 4]
+    assert after[-1] == {'event': 'end', 'step': 4}
     step = after[0]
-    for key in ("loss", "mse", "vb", "diffusion_loss", "output_kd_loss", "shd_loss", "shd_loss/t1_s0",
-                "shd_loss/t2_s1", "shd_alpha_mean/t2_s1", "lr"):
+    for key in ('loss', 'mse', 'vb', 'diffusion_loss', 'output_kd_loss', 'shd_loss', 'shd_loss/t1_s0',
+                'shd_loss/t2_s1', 'shd_alpha_mean/t2_s1', 'lr'):
         assert math.isfinite(step[key]), key
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1 pruned checkpoint-2
-    assert {"transformer", "transformer_ema", "scheduler", "sample_config.json"} <= {
-        p.name for p in (out / "checkpoint-4").iterdir()}  # a checkpoint is also a sampler-readable folder
-    assert (out / "validation" / "step-4.png").is_file()
+    assert sorted(p.name for p in out.glob('checkpoint-*')) == ['checkpoint-4']  # limit 1 pruned checkpoint-2
+    assert {'transformer', 'transformer_ema', 'scheduler', 'sample_config.json'} <= {
+        p.name for p in (out / 'checkpoint-4').iterdir()}  # a checkpoint is also a sampler-readable folder
+    assert (out / 'validation' / 'step-4.png').is_file()
 
     # The model folder the sampler reads: pixel space, grayscale, the digits' classes.
-    sample_config = json.loads((out / "sample_config.json").read_text())
-    assert sample_config["pixel_space"] and sample_config["image_channels"] == 1
-    assert sample_config["num_classes"] == 10
-    assert DiTTransformer2DModel.from_pretrained(out / "transformer").config.num_attention_heads == 2
+    sample_config = json.loads((out / 'sample_config.json').read_text())
+    assert sample_config['pixel_space'] and sample_config['image_channels'] == 1
+    assert sample_config['num_classes'] == 10
+    assert DiTTransformer2DModel.from_pretrained(out / 'transformer').config.num_attention_heads == 2
 
     # Sample and score with eval/fid.py, features from a (random, tiny) timm classifier checkpoint.
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=IMAGE_SIZE, **VIT_KWARGS)
-    torch.save(vit.state_dict(), tmp_path / "vit.pth")
-    fid_dir = tmp_path / "fid"
-    cmd = [sys.executable, str(REPO / "eval" / "fid.py"), "--model_path", str(out), "--num_samples", "10",
-           "--num_inference_steps", "3", "--batch_size", "10", "--reference", str(digits_imagefolder / "val"),
-           "--metrics", "fid", "--feature_extractor", "timm", "--fe_model_name", "vit_tiny_patch16_224",
-           "--fe_checkpoint", str(tmp_path / "vit.pth"), "--fe_num_classes", "10", "--fe_in_chans", "1",
-           "--fe_img_size", str(IMAGE_SIZE), "--fe_model_kwargs",
-           *[f"{k}={v}" for k, v in VIT_KWARGS.items()], "--output_dir", str(fid_dir), "--no_progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    vit = timm.create_model('vit_tiny_patch16_224', num_classes=10, in_chans=1, img_size=IMAGE_SIZE, **VIT_KWARGS)
+    torch.save(vit.state_dict(), tmp_path / 'vit.pth')
+    fid_dir = tmp_path / 'fid'
+    cmd = [sys.executable, str(REPO / 'eval' / 'fid.py'), '--model_path', str(out), '--num_samples', '10',
+           '--num_inference_steps', '3', '--batch_size', '10', '--reference', str(digits_imagefolder / 'val'),
+           '--metrics', 'fid', '--feature_extractor', 'timm', '--fe_model_name', 'vit_tiny_patch16_224',
+           '--fe_checkpoint', str(tmp_path / 'vit.pth'), '--fe_num_classes', '10', '--fe_in_chans', '1',
+           '--fe_img_size', str(IMAGE_SIZE), '--fe_model_kwargs',
+           *[f'{k}={v}' for k, v in VIT_KWARGS.items()], '--output_dir', str(fid_dir), '--no_progress']
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
-    results = json.loads((fid_dir / "fid_results.json").read_text())
-    assert results["num_samples"] == 10 and np.load(fid_dir / "samples.npz")["arr_0"].shape == (10, 32, 32, 1)
-    fid = [v for k, v in results["metrics"].items() if "frechet" in k or k == "fid"]
+    results = json.loads((fid_dir / 'fid_results.json').read_text())
+    assert results['num_samples'] == 10 and np.load(fid_dir / 'samples.npz')['arr_0'].shape == (10, 32, 32, 1)
+    fid = [v for k, v in results['metrics'].items() if 'frechet' in k or k == 'fid']
     assert fid and all(math.isfinite(v) and v >= 0 for v in fid)
 
 
 @pytest.mark.slow
 def test_two_cpu_processes(digits_imagefolder, models, tmp_path):
-    out = tmp_path / "ddp"
-    _launch(_train_args(digits_imagefolder, models, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                        "--use_ema"), num_processes=2)
+    out = tmp_path / 'ddp'
+    _launch(_train_args(digits_imagefolder, models, out, '--max_train_steps', '2', '--checkpointing_steps', '2',
+                        '--use_ema'), num_processes=2)
     log = _read_log(out)
-    assert log[0]["event"] == "start" and log[0]["num_processes"] == 2 and log[0]["total_batch_size"] == 16
-    assert [r["step"] for r in log if "event" not in r] == [1, 2] and log[-1] == {"event": "end", "step": 2}
-    assert {p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")} == {
-        "random_states_0.pkl", "random_states_1.pkl"}
-    assert (out / "transformer" / "config.json").is_file() and (out / "scheduler").is_dir()
+    assert log[0]['event'] == 'start' and log[0]['num_processes'] == 2 and log[0]['total_batch_size'] == 16
+    assert [r['step'] for r in log if 'event' not in r] == [1, 2] and log[-1] == {'event': 'end', 'step': 2}
+    assert {p.name for p in (out / 'checkpoint-2').glob('random_states_*.pkl')} == {
+        'random_states_0.pkl', 'random_states_1.pkl'}
+    assert (out / 'transformer' / 'config.json').is_file() and (out / 'scheduler').is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,57 +166,57 @@ def quiet_diffusers():
 
 def test_latent_training_saves_a_dit_pipeline(digits_imagefolder, tmp_path, quiet_diffusers):
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
+                        up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 8), latent_channels=4,
                         norm_num_groups=4, sample_size=IMAGE_SIZE)
-    vae.save_pretrained(tmp_path / "vae")
+    vae.save_pretrained(tmp_path / 'vae')
     latent = dict(in_channels=4, out_channels=8, sample_size=IMAGE_SIZE // 2, patch_size=4, num_embeds_ada_norm=10)
     DiTTransformer2DModel(**latent, num_attention_heads=4, attention_head_dim=8, num_layers=2).save_pretrained(
-        tmp_path / "teacher")
-    config = _write_config(tmp_path / "student.json", dict(latent, num_attention_heads=2, attention_head_dim=8,
+        tmp_path / 'teacher')
+    config = _write_config(tmp_path / 'student.json', dict(latent, num_attention_heads=2, attention_head_dim=8,
                                                           num_layers=1))
-    out = tmp_path / "latent"
+    out = tmp_path / 'latent'
     train_dit.main(train_dit.parse_args([
-        "--train_data_dir", str(digits_imagefolder / "train"), "--resolution", str(IMAGE_SIZE),
-        "--pretrained_vae_model_name_or_path", str(tmp_path / "vae"), "--model_config", str(config),
-        "--shd_teacher_model_name_or_path", str(tmp_path / "teacher"), "--max_train_steps", "1",
-        "--train_batch_size", "4", "--report_to", "none", "--output_dir", str(out), "--seed", "0"]))
+        '--train_data_dir', str(digits_imagefolder / 'train'), '--resolution', str(IMAGE_SIZE),
+        '--pretrained_vae_model_name_or_path', str(tmp_path / 'vae'), '--model_config', str(config),
+        '--shd_teacher_model_name_or_path', str(tmp_path / 'teacher'), '--max_train_steps', '1',
+        '--train_batch_size', '4', '--report_to', 'none', '--output_dir', str(out), '--seed', '0']))
 
-    assert json.loads((out / "sample_config.json").read_text())["pixel_space"] is False
+    assert json.loads((out / 'sample_config.json').read_text())['pixel_space'] is False
     pipe = DiTPipeline.from_pretrained(out)
     assert pipe.transformer.config.num_attention_heads == 2 and pipe.vae.config.latent_channels == 4
     # guidance_scale=1: DiTPipeline hard-codes the null class id 1000 (ImageNet), out of range for 10 classes.
     images = pipe(class_labels=[0, 3], num_inference_steps=2, guidance_scale=1.0,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
+                  generator=torch.Generator().manual_seed(0), output_type='np').images
     assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(images).all()
 
 
 def _error_case(case: str, root: Path, data: Path, models: dict[str, Path]) -> tuple[list[str], str]:
-    args = _train_args(data, models, root / "out", "--max_train_steps", "1")
-    if case == "token_count":
+    args = _train_args(data, models, root / 'out', '--max_train_steps', '1')
+    if case == 'token_count':
         bad = dict(TEACHER, patch_size=4)  # 64 tokens instead of the student's 16
-        DiTTransformer2DModel(**bad).save_pretrained(root / "teacher_p4")
-        args[args.index("--shd_teacher_model_name_or_path") + 1] = str(root / "teacher_p4")
-        return args, r"different token grids.*patch_size=4 gives \(32 / patch_size 4\)\^2 = 64"
-    if case == "sample_size":
-        DiTTransformer2DModel(**dict(TEACHER, sample_size=64, patch_size=16)).save_pretrained(root / "teacher_s64")
-        args[args.index("--shd_teacher_model_name_or_path") + 1] = str(root / "teacher_s64")
-        return args, "different token grids.*sample_size=64"
-    if case == "heads":
-        config = _write_config(root / "wide.json", dict(STUDENT, num_attention_heads=8, attention_head_dim=4))
-        args[args.index("--model_config") + 1] = str(config)
-        return args, "has 4 heads but student layer .* has 8"
-    if case == "vae":
-        return [*args, "--pretrained_vae_model_name_or_path", str(root / "no_such_vae")], \
-            "--pretrained_vae_model_name_or_path .*no_such_vae does not exist"
-    if case == "empty_data":
-        (root / "empty").mkdir()
-        args[args.index("--train_data_dir") + 1] = str(root / "empty")
-        return args, "is not an ImageFolder: it has no class subfolders"
+        DiTTransformer2DModel(**bad).save_pretrained(root / 'teacher_p4')
+        args[args.index('--shd_teacher_model_name_or_path') + 1] = str(root / 'teacher_p4')
+        return args, r'different token grids.*patch_size=4 gives \(32 / patch_size 4\)\^2 = 64'
+    if case == 'sample_size':
+        DiTTransformer2DModel(**dict(TEACHER, sample_size=64, patch_size=16)).save_pretrained(root / 'teacher_s64')
+        args[args.index('--shd_teacher_model_name_or_path') + 1] = str(root / 'teacher_s64')
+        return args, 'different token grids.*sample_size=64'
+    if case == 'heads':
+        config = _write_config(root / 'wide.json', dict(STUDENT, num_attention_heads=8, attention_head_dim=4))
+        args[args.index('--model_config') + 1] = str(config)
+        return args, 'has 4 heads but student layer .* has 8'
+    if case == 'vae':
+        return [*args, '--pretrained_vae_model_name_or_path', str(root / 'no_such_vae')], \
+            '--pretrained_vae_model_name_or_path .*no_such_vae does not exist'
+    if case == 'empty_data':
+        (root / 'empty').mkdir()
+        args[args.index('--train_data_dir') + 1] = str(root / 'empty')
+        return args, 'is not an ImageFolder: it has no class subfolders'
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["token_count", "sample_size", "heads", "vae", "empty_data"])
+@pytest.mark.parametrize('case', ['token_count', 'sample_size', 'heads', 'vae', 'empty_data'])
 def test_clear_errors(case, digits_imagefolder, models, tmp_path, quiet_diffusers):
     args, message = _error_case(case, tmp_path, digits_imagefolder, models)
     with pytest.raises(ValueError, match=message):

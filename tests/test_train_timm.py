@@ -158,7 +158,7 @@ def test_missing_checkpoint_paths(digits_imagefolder, tmp_path):
     with pytest.raises(FileNotFoundError, match='missing_teacher.pth'):
         train_timm.setup(setup_args(*base_flags(digits_imagefolder, tmp_path / 'out', missing)))
     args = setup_args('-c', str(CONFIG), '--data-dir', str(digits_imagefolder), '--resume', str(tmp_path / 'x.tar'))
-    with pytest.raises(FileNotFoundError, match="--resume .*x.tar"):
+    with pytest.raises(FileNotFoundError, match='--resume .*x.tar'):
         train_timm.setup(args)
 
 

@@ -3,8 +3,8 @@
 Matplotlib only (Agg backend), no display needed.
 """
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .capture import AttentionCapture, num_prefix_tokens  # noqa: E402
-from .heads import head_groups  # noqa: E402
-from .merge import merge_heads  # noqa: E402
+from .core.heads import head_groups  # noqa: E402
+from .core.merge import merge_heads  # noqa: E402
 
 __all__ = ['collect_squeeze', 'plot_squeeze', 'plot_alpha_distributions', 'save_figure', 'mean_and_spread',
            'markdown_table']
@@ -30,7 +30,7 @@ def collect_squeeze(
         *,
         grouping: str = 'progressive',
         drop_prefix: bool = True,
-) -> Dict[str, object]:
+) -> dict[str, object]:
     """Teacher maps, squeezed teacher maps, student maps and merge weights for the given layer pairs.
 
     Args:
@@ -49,8 +49,9 @@ def collect_squeeze(
               'groups': []}
     with AttentionCapture(teacher, [t for t, _ in layer_pairs], record_values=True) as t_cap, \
             AttentionCapture(student, [s for _, s in layer_pairs]) as s_cap:
-        _forward(teacher, inputs)
-        _forward(student, inputs)
+        with t_cap.recording(), s_cap.recording():
+            _forward(teacher, inputs)
+            _forward(student, inputs)
         for t, s in layer_pairs:
             t_rec, s_rec = t_cap[t], s_cap[s]
             t_maps = t_rec.logits()[..., t_prefix:, t_prefix:].softmax(-1)
@@ -80,7 +81,7 @@ def plot_squeeze(
         path: Path,
         *,
         title: str = '',
-        image: Optional[np.ndarray] = None,
+        image: np.ndarray | None = None,
 ) -> Path:
     """The paper's Figure 1 for one sample and layer: teacher heads, squeezed maps, student maps.
 
@@ -139,14 +140,14 @@ def save_figure(fig: 'plt.Figure', path: Path, *, title: str = '', dpi: int = 12
     return path
 
 
-def mean_and_spread(values: Sequence[float]) -> Dict[str, float]:
+def mean_and_spread(values: Sequence[float]) -> dict[str, float]:
     """Mean, sample standard deviation (0 for one value), min, max and count."""
     array = np.asarray(values, dtype=np.float64)
     return {'mean': float(array.mean()), 'std': float(array.std(ddof=1)) if array.size > 1 else 0.0,
             'min': float(array.min()), 'max': float(array.max()), 'n': int(array.size)}
 
 
-def markdown_table(header: Sequence[str], rows: List[Sequence[object]]) -> str:
+def markdown_table(header: Sequence[str], rows: list[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table."""
     lines = ['| ' + ' | '.join(map(str, header)) + ' |', '|' + '|'.join('---' for _ in header) + '|']
     lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in rows]

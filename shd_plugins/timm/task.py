@@ -12,7 +12,8 @@ A copy of timm's ``train.py`` offers ``--kd-distill-type shd`` with :func:`add_s
 import argparse
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,11 +21,13 @@ from timm.models import create_model, get_model_input_config, resolve_model_inpu
 from timm.task import DistillationTeacher, LogitDistillationTask
 from timm.utils import ParseKwargs, unwrap_model
 
-from .distiller import TOKEN_MODES, SHDDistiller
-from .heads import GROUPING_MODES
-from .layer_mapping import LayerSpec
-from .losses import LOSS_TYPES
-from .merge import MERGE_MODES
+from ..config import TOKEN_MODES
+from ..core.heads import GROUPING_MODES
+from ..core.layer_mapping import LayerSpec
+from ..core.losses import LOSS_TYPES
+from ..core.merge import MERGE_MODES
+from ..distiller import SHDDistiller
+from .data import per_channel
 
 __all__ = ['SHDDistillationTask', 'create_distillation_teacher', 'add_shd_args', 'KD_DISTILL_TYPES']
 
@@ -33,31 +36,18 @@ _logger = logging.getLogger(__name__)
 KD_DISTILL_TYPES = ('logit', 'feature', 'token', 'shd')
 
 
-def _per_channel(values: Union[torch.Tensor, Sequence[float]], in_chans: Optional[int]) -> torch.Tensor:
-    """Mean/std as a (1, C, 1, 1) tensor for ``in_chans`` channels.
-
-    A pretrained cfg always lists 3 values; a 1-channel model is fed data normalised with their mean (timm's
-    ``resolve_input_data_config`` policy), so the task's buffers must match or re-normalisation would broadcast a
-    grey image to 3 channels.
-    """
-    values = torch.as_tensor(values).flatten()
-    if in_chans is not None and values.numel() not in (1, in_chans):
-        values = values.mean().reshape(1)
-    return values.view(1, -1, 1, 1)
-
-
 def create_distillation_teacher(
-        model_name_or_module: Union[str, nn.Module],
+        model_name_or_module: str | nn.Module,
         *,
-        num_classes: Optional[int] = None,
+        num_classes: int | None = None,
         in_chans: int = 3,
-        img_size: Optional[Union[int, Tuple[int, int]]] = None,
-        pretrained_path: Optional[str] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        img_size: int | tuple[int, int] | None = None,
+        pretrained_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained_cfg_overlay: dict[str, Any] | None = None,
         allow_download: bool = False,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
 ) -> DistillationTeacher:
     """A timm :class:`~timm.task.DistillationTeacher` whose weights come from a local file, never a silent download.
 
@@ -168,16 +158,16 @@ class SHDDistillationTask(LogitDistillationTask):
     def __init__(
             self,
             student_model: nn.Module,
-            teacher_model: Union[str, nn.Module, DistillationTeacher],
-            criterion: Optional[nn.Module] = None,
-            criterion_kwargs: Optional[Dict[str, Any]] = None,
-            teacher_pretrained_path: Optional[str] = None,
-            teacher_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-            teacher_model_kwargs: Optional[Dict[str, Any]] = None,
+            teacher_model: str | nn.Module | DistillationTeacher,
+            criterion: nn.Module | None = None,
+            criterion_kwargs: dict[str, Any] | None = None,
+            teacher_pretrained_path: str | None = None,
+            teacher_pretrained_cfg_overlay: dict[str, Any] | None = None,
+            teacher_model_kwargs: dict[str, Any] | None = None,
             teacher_allow_download: bool = False,
             loss_type: str = 'kl',
-            distill_loss_weight: Optional[float] = None,
-            task_loss_weight: Optional[float] = None,
+            distill_loss_weight: float | None = None,
+            task_loss_weight: float | None = None,
             temperature: float = 1.0,
             shd_weight: float = 1.0,
             shd_temperature: float = 1.0,
@@ -187,10 +177,10 @@ class SHDDistillationTask(LogitDistillationTask):
             shd_tokens: str = 'all',
             shd_grouping: str = 'progressive',
             shd_per_row: bool = False,
-            input_mean: Optional[Sequence[float]] = None,
-            input_std: Optional[Sequence[float]] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+            input_mean: Sequence[float] | None = None,
+            input_std: Sequence[float] | None = None,
+            device: torch.device | None = None,
+            dtype: torch.dtype | None = None,
             verbose: bool = True,
     ):
         student = unwrap_model(student_model)
@@ -245,9 +235,9 @@ class SHDDistillationTask(LogitDistillationTask):
     def _match_normalization(
             self,
             student: nn.Module,
-            in_chans: Optional[int],
-            input_mean: Optional[Sequence[float]],
-            input_std: Optional[Sequence[float]],
+            in_chans: int | None,
+            input_mean: Sequence[float] | None,
+            input_std: Sequence[float] | None,
     ) -> None:
         """Size the student/teacher mean/std buffers for the real channel count (and the loader's override)."""
         teacher = unwrap_model(self.teacher.model)
@@ -258,20 +248,20 @@ class SHDDistillationTask(LogitDistillationTask):
                 f'same images. Create the teacher with in_chans={in_chans}.')
         for name, override in (('student_mean', input_mean), ('student_std', input_std)):
             values = override if override is not None else getattr(self, name)
-            setattr(self, name, _per_channel(values, in_chans).to(device=self.device, dtype=self.dtype))
+            setattr(self, name, per_channel(values, in_chans).to(device=self.device, dtype=self.dtype))
         for name in ('mean_kd', 'std_kd'):
             buffer = getattr(self.teacher, name)
-            setattr(self.teacher, name, _per_channel(buffer, teacher_chans).to(buffer))
+            setattr(self.teacher, name, per_channel(buffer, teacher_chans).to(buffer))
 
     @classmethod
     def from_args(
             cls,
             args: argparse.Namespace,
             model: nn.Module,
-            criterion: Optional[nn.Module] = None,
-            criterion_kwargs: Optional[Dict[str, Any]] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+            criterion: nn.Module | None = None,
+            criterion_kwargs: dict[str, Any] | None = None,
+            device: torch.device | None = None,
+            dtype: torch.dtype | None = None,
             verbose: bool = True,
     ) -> 'SHDDistillationTask':
         """Build the task from timm ``train.py`` arguments plus the flags of :func:`add_shd_args`.
@@ -306,13 +296,14 @@ class SHDDistillationTask(LogitDistillationTask):
             verbose=verbose,
         )
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logit distillation forward (student, then teacher under no_grad) plus the SHD term of the same forwards.
 
         Returns:
             ``{'loss', 'output', 'task_loss', 'kd_loss', 'shd_loss'}``; ``shd_loss`` is unweighted.
         """
-        result = super().forward(input, target)
+        with self.distiller.recording():  # only the training forwards are recorded, never eval/EMA ones
+            result = super().forward(input, target)
         shd_loss = self.distiller.compute_loss().loss  # float32 even under autocast (shd_plugins.precision)
         result['loss'] = result['loss'] + self.shd_weight * shd_loss
         result['shd_loss'] = shd_loss

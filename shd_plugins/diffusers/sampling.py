@@ -20,15 +20,14 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
-import torch
-from tqdm.auto import tqdm
+from typing import Any
 
 import diffusers
+import numpy as np
+import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -37,27 +36,28 @@ from diffusers import (
     DPMSolverMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 __all__ = [
-    "DiTComponents",
-    "SCHEDULERS",
-    "build_scheduler",
-    "class_labels_for_protocol",
-    "default_dit_scheduler",
-    "generate_samples",
-    "load_dit_components",
-    "rank_seed",
-    "sample_class_conditional",
-    "to_uint8_images",
+    'DiTComponents',
+    'SCHEDULERS',
+    'build_scheduler',
+    'class_labels_for_protocol',
+    'default_dit_scheduler',
+    'generate_samples',
+    'load_dit_components',
+    'rank_seed',
+    'sample_class_conditional',
+    'to_uint8_images',
 ]
 
 SCHEDULERS: dict[str, type] = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
+    'ddpm': DDPMScheduler,
+    'ddim': DDIMScheduler,
+    'dpm': DPMSolverMultistepScheduler,
 }
-_TRANSFORMER_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
-_LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+_TRANSFORMER_CLASS_NAMES = ('DiTTransformer2DModel', 'Transformer2DModel')
+_LEARNED_VARIANCE_TYPES = ('learned', 'learned_range')
 
 
 @dataclass
@@ -103,7 +103,7 @@ def default_dit_scheduler() -> DDPMScheduler:
         num_train_timesteps=1000,
         beta_start=1e-4,
         beta_end=0.02,
-        beta_schedule="linear",
+        beta_schedule='linear',
         clip_sample=False,
     )
 
@@ -113,28 +113,28 @@ def _read_json(path: Path) -> dict[str, Any]:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from e
+        raise ValueError(f'{path} is not valid JSON ({e}).') from e
 
 
 def _is_transformer_folder(path: Path) -> bool:
-    config = path / "config.json"
-    return config.is_file() and _read_json(config).get("_class_name") in _TRANSFORMER_CLASS_NAMES
+    config = path / 'config.json'
+    return config.is_file() and _read_json(config).get('_class_name') in _TRANSFORMER_CLASS_NAMES
 
 
 def resolve_transformer_folder(path: Path) -> tuple[Path, Path | None]:
     """Returns `(transformer_folder, model_folder)`; `model_folder` is `None` for a bare transformer folder."""
     if not path.exists():
         raise FileNotFoundError(
-            f"Model path {path} does not exist. Expected a trained model folder with a `transformer/` subfolder "
-            f"(DiTTransformer2DModel.save_pretrained), or a transformer folder itself."
+            f'Model path {path} does not exist. Expected a trained model folder with a `transformer/` subfolder '
+            f'(DiTTransformer2DModel.save_pretrained), or a transformer folder itself.'
         )
-    if (path / "transformer").is_dir():
-        if not _is_transformer_folder(path / "transformer"):
+    if (path / 'transformer').is_dir():
+        if not _is_transformer_folder(path / 'transformer'):
             raise ValueError(
                 f"{path / 'transformer'} has no config.json of a DiTTransformer2DModel; it is not a saved DiT "
                 f"transformer (expected `_class_name` in {_TRANSFORMER_CLASS_NAMES})."
             )
-        return path / "transformer", path
+        return path / 'transformer', path
     if _is_transformer_folder(path):
         return path, None
     raise FileNotFoundError(
@@ -145,16 +145,16 @@ def resolve_transformer_folder(path: Path) -> tuple[Path, Path | None]:
 
 def _load_scheduler(model_folder: Path | None) -> Any:
     """The scheduler saved with the model, else DiT's default DDPM schedule."""
-    folder = model_folder / "scheduler" if model_folder is not None else None
+    folder = model_folder / 'scheduler' if model_folder is not None else None
     if folder is None or not folder.is_dir():
         return default_dit_scheduler()
-    config_file = folder / "scheduler_config.json"
+    config_file = folder / 'scheduler_config.json'
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} exists but has no scheduler_config.json (save it with save_pretrained).")
-    class_name = _read_json(config_file).get("_class_name", "DDPMScheduler")
+        raise FileNotFoundError(f'{folder} exists but has no scheduler_config.json (save it with save_pretrained).')
+    class_name = _read_json(config_file).get('_class_name', 'DDPMScheduler')
     scheduler_cls = getattr(diffusers, class_name, None)
     if scheduler_cls is None:
-        raise ValueError(f"{config_file} names scheduler class {class_name!r}, which diffusers does not provide.")
+        raise ValueError(f'{config_file} names scheduler class {class_name!r}, which diffusers does not provide.')
     return scheduler_cls.from_pretrained(folder)
 
 
@@ -163,16 +163,16 @@ def _load_vae(
 ) -> AutoencoderKL | None:
     if vae_path is not None:
         vae_path = Path(vae_path)
-        if (vae_path / "vae" / "config.json").is_file():  # a pipeline folder
-            vae_path = vae_path / "vae"
-        if not (vae_path / "config.json").is_file():
+        if (vae_path / 'vae' / 'config.json').is_file():  # a pipeline folder
+            vae_path = vae_path / 'vae'
+        if not (vae_path / 'config.json').is_file():
             raise FileNotFoundError(
-                f"VAE path {vae_path} has no config.json; expected an AutoencoderKL.save_pretrained folder "
-                f"(or a pipeline folder with a `vae/` subfolder)."
+                f'VAE path {vae_path} has no config.json; expected an AutoencoderKL.save_pretrained folder '
+                f'(or a pipeline folder with a `vae/` subfolder).'
             )
         return AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
-    if model_folder is not None and (model_folder / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(model_folder / "vae", torch_dtype=dtype)
+    if model_folder is not None and (model_folder / 'vae' / 'config.json').is_file():
+        return AutoencoderKL.from_pretrained(model_folder / 'vae', torch_dtype=dtype)
     return None
 
 
@@ -200,17 +200,17 @@ def load_dit_components(
     """
     transformer_folder, model_folder = resolve_transformer_folder(Path(path))
     sample_config: dict[str, Any] = {}
-    if model_folder is not None and (model_folder / "sample_config.json").is_file():
-        sample_config = _read_json(model_folder / "sample_config.json")
+    if model_folder is not None and (model_folder / 'sample_config.json').is_file():
+        sample_config = _read_json(model_folder / 'sample_config.json')
 
     transformer = DiTTransformer2DModel.from_pretrained(transformer_folder, torch_dtype=dtype)
     scheduler = _load_scheduler(model_folder)
 
-    pixel_space = sample_config.get("pixel_space")
+    pixel_space = sample_config.get('pixel_space')
     if pixel_space and vae_path is not None:
         raise ValueError(
-            f"{path} is a pixel-space model (sample_config.json: pixel_space=true) but vae_path={vae_path} was "
-            f"given; drop the VAE."
+            f'{path} is a pixel-space model (sample_config.json: pixel_space=true) but vae_path={vae_path} was '
+            f'given; drop the VAE.'
         )
     vae = None if pixel_space else _load_vae(vae_path, model_folder, dtype)
     if pixel_space is None:  # undeclared: without a VAE, only 1- or 3-channel inputs can be images
@@ -223,15 +223,15 @@ def load_dit_components(
 
     num_embeds = transformer.config.num_embeds_ada_norm
     if num_embeds is None:
-        raise ValueError(f"{transformer_folder} is not class-conditional (num_embeds_ada_norm is None).")
-    num_classes = int(sample_config.get("num_classes", num_embeds))
+        raise ValueError(f'{transformer_folder} is not class-conditional (num_embeds_ada_norm is None).')
+    num_classes = int(sample_config.get('num_classes', num_embeds))
     if not 0 < num_classes <= num_embeds:
         raise ValueError(
             f"sample_config.json num_classes={num_classes} must be in [1, {num_embeds}] "
             f"(the transformer's num_embeds_ada_norm)."
         )
     default_channels = transformer.config.in_channels if pixel_space else vae.config.out_channels
-    image_channels = int(sample_config.get("image_channels", default_channels))
+    image_channels = int(sample_config.get('image_channels', default_channels))
 
     transformer.eval()
     if vae is not None:
@@ -250,10 +250,10 @@ def build_scheduler(name: str, config: Any) -> Any:
     breaks 4-channel latents, so the learned variance is dropped for it; DDIM ignores the field.
     """
     if name not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
+        raise ValueError(f'Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.')
     overrides: dict[str, Any] = {}
-    if name == "dpm" and config.get("variance_type") in _LEARNED_VARIANCE_TYPES:
-        overrides["variance_type"] = None
+    if name == 'dpm' and config.get('variance_type') in _LEARNED_VARIANCE_TYPES:
+        overrides['variance_type'] = None
     return SCHEDULERS[name].from_config(config, **overrides)
 
 
@@ -270,7 +270,7 @@ def to_uint8_images(samples: torch.Tensor) -> torch.Tensor:
 
 
 def _step_accepts_generator(scheduler: Any) -> bool:
-    return "generator" in inspect.signature(scheduler.step).parameters
+    return 'generator' in inspect.signature(scheduler.step).parameters
 
 
 def _uses_learned_variance(scheduler: Any) -> bool:
@@ -281,7 +281,7 @@ def _timesteps_for(t: Any, model_input: torch.Tensor) -> torch.Tensor:
     """The scheduler's timestep as a batch tensor, converted exactly as DiTPipeline does."""
     if not torch.is_tensor(t):
         dtype = torch.float64 if isinstance(t, float) else torch.int64
-        if model_input.device.type in ("mps", "npu"):
+        if model_input.device.type in ('mps', 'npu'):
             dtype = torch.float32 if isinstance(t, float) else torch.int32
         t = torch.tensor([t], dtype=dtype, device=model_input.device)
     elif t.dim() == 0:
@@ -346,12 +346,12 @@ def sample_class_conditional(
     class_null = torch.tensor([null_class] * batch_size, device=device)
     class_labels_input = torch.cat([class_labels, class_null], 0) if use_cfg else class_labels
 
-    step_kwargs = {"generator": generator} if _step_accepts_generator(scheduler) else {}
+    step_kwargs = {'generator': generator} if _step_accepts_generator(scheduler) else {}
     keep_learned_variance = _uses_learned_variance(scheduler)
     learned_sigma = transformer.config.out_channels // 2 == latent_channels
 
     scheduler.set_timesteps(num_inference_steps)
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="Denoising", leave=False):
+    for t in tqdm(scheduler.timesteps, disable=not progress, desc='Denoising', leave=False):
         if use_cfg:
             half = latent_model_input[: len(latent_model_input) // 2]
             latent_model_input = torch.cat([half, half], dim=0)
@@ -385,7 +385,7 @@ def rank_seed(seed: int, rank: int, world_size: int) -> int:
     return seed * world_size + rank
 
 
-def class_labels_for_protocol(num_samples: int, num_classes: int, *, mode: str = "even", seed: int = 0) -> np.ndarray:
+def class_labels_for_protocol(num_samples: int, num_classes: int, *, mode: str = 'even', seed: int = 0) -> np.ndarray:
     """Class label of every sample.
 
     Args:
@@ -395,9 +395,9 @@ def class_labels_for_protocol(num_samples: int, num_classes: int, *, mode: str =
             references are made of); `random` draws uniformly with `seed` (DiT's `sample_ddp.py`).
         seed: Seed for `random`.
     """
-    if mode == "even":
+    if mode == 'even':
         return np.arange(num_samples, dtype=np.int64) % num_classes
-    if mode == "random":
+    if mode == 'random':
         return np.random.default_rng(seed).integers(0, num_classes, size=num_samples, dtype=np.int64)
     raise ValueError(f"Unknown class label mode {mode!r}; use 'even' or 'random'.")
 
@@ -426,9 +426,9 @@ def generate_samples(
     seed: int,
     guidance_scale: float,
     num_inference_steps: int,
-    scheduler_name: str = "ddpm",
+    scheduler_name: str = 'ddpm',
     class_ids: Sequence[int] | np.ndarray | None = None,
-    class_label_mode: str = "even",
+    class_label_mode: str = 'even',
     accelerator: Any | None = None,
     gather_on_all_ranks: bool = False,
 ) -> np.ndarray:
@@ -452,16 +452,16 @@ def generate_samples(
         uint8 NHWC images in label order (on the main rank, or all ranks with `gather_on_all_ranks`).
     """
     if num_samples <= 0 or batch_size <= 0:
-        raise ValueError(f"num_samples ({num_samples}) and batch_size ({batch_size}) must be positive.")
+        raise ValueError(f'num_samples ({num_samples}) and batch_size ({batch_size}) must be positive.')
     if class_ids is None:
         labels = class_labels_for_protocol(num_samples, components.num_classes, mode=class_label_mode, seed=seed)
     else:
         labels = np.asarray(class_ids, dtype=np.int64).reshape(-1)
         if len(labels) != num_samples:
-            raise ValueError(f"class_ids has {len(labels)} labels for num_samples={num_samples}; give one per sample.")
+            raise ValueError(f'class_ids has {len(labels)} labels for num_samples={num_samples}; give one per sample.')
         if labels.min() < 0 or labels.max() >= components.num_classes:
             raise ValueError(
-                f"class_ids must lie in [0, {components.num_classes}); got {labels.min()}..{labels.max()}."
+                f'class_ids must lie in [0, {components.num_classes}); got {labels.min()}..{labels.max()}.'
             )
 
     world_size = accelerator.num_processes if accelerator is not None else 1
@@ -474,10 +474,10 @@ def generate_samples(
             components.vae.to(device)
 
     scheduler = build_scheduler(scheduler_name, components.scheduler.config)
-    generator = torch.Generator("cpu").manual_seed(rank_seed(seed, rank, world_size))
+    generator = torch.Generator('cpu').manual_seed(rank_seed(seed, rank, world_size))
 
     kept: list[np.ndarray] = []
-    with tqdm(total=num_samples, disable=not is_main, desc="Sampling", unit="img") as bar:
+    with tqdm(total=num_samples, disable=not is_main, desc='Sampling', unit='img') as bar:
         for start, size, per_rank in _rounds(num_samples, batch_size, world_size):
             first = start + rank * per_rank
             batch_labels = labels[np.minimum(np.arange(first, first + per_rank), num_samples - 1)]

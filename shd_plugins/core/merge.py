@@ -14,7 +14,7 @@ description (E is a 1-D quadratic in a). The N x D products are never formed: wi
 product per pair.
 """
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -77,8 +77,8 @@ def reconstruction_error(
 
 def _check_merge_inputs(
         attn: torch.Tensor,
-        values: Optional[torch.Tensor],
-        out_weight: Optional[torch.Tensor],
+        values: torch.Tensor | None,
+        out_weight: torch.Tensor | None,
 ) -> None:
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f'attn must be (B, M, N, N) attention maps, got shape {tuple(attn.shape)}.')
@@ -98,15 +98,15 @@ def _check_merge_inputs(
 
 def merge_heads(
         attn: torch.Tensor,
-        values: Optional[torch.Tensor],
-        out_weight: Optional[torch.Tensor],
+        values: torch.Tensor | None,
+        out_weight: torch.Tensor | None,
         num_heads: int,
         *,
         grouping: str = 'progressive',
         merge: str = 'shd',
         per_row: bool = False,
-        alphas: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+        alphas: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squeeze M teacher attention maps into ``num_heads`` maps.
 
     Args:
@@ -200,7 +200,7 @@ def _merge_computing_alphas(
         out_weight: torch.Tensor,
         schedule: MergeSchedule,
         per_row: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge round by round, computing each pair's weight from the current (already merged) maps.
 
     Groups are always contiguous head ranges, so a group's values and Gram blocks are slices; pairs whose
@@ -224,7 +224,7 @@ def _merge_computing_alphas(
     for round_slots in schedule:
         pairs = [slot for slot in round_slots if len(slot) == 2]
         round_alpha = maps.new_empty((batch, len(pairs)) + ((tokens,) if per_row else ()))
-        buckets: Dict[Tuple[int, int], List[int]] = defaultdict(list)
+        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
         for k, (p, q) in enumerate(pairs):
             buckets[(sizes[p], sizes[q])].append(k)
         for (size_p, size_q), members in buckets.items():

@@ -6,14 +6,14 @@ list of slots over the current groups, a slot being ``(i,)`` (carry group i over
 :func:`shd_plugins.merge.merge_heads` executes the same schedule on attention maps, so the grouping and
 the merge can never disagree.
 """
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 __all__ = ['GROUPING_MODES', 'Slot', 'MergeSchedule', 'merge_schedule', 'head_groups', 'num_merges']
 
 GROUPING_MODES = ('progressive', 'balanced')
 
-Slot = Tuple[int, ...]
-MergeSchedule = List[List[Slot]]
+Slot = tuple[int, ...]
+MergeSchedule = list[list[Slot]]
 
 
 def _check_head_counts(num_teacher_heads: int, num_student_heads: int) -> None:
@@ -45,7 +45,7 @@ def _balanced_schedule(num_teacher_heads: int, num_student_heads: int) -> MergeS
     base, extra = divmod(num_teacher_heads, num_student_heads)
     sizes = [base + 1 if j < extra else base for j in range(num_student_heads)]
     # blocks[j] lists the current group indices belonging to student head j
-    blocks: List[List[int]] = []
+    blocks: list[list[int]] = []
     start = 0
     for size in sizes:
         blocks.append(list(range(start, start + size)))
@@ -53,8 +53,8 @@ def _balanced_schedule(num_teacher_heads: int, num_student_heads: int) -> MergeS
 
     schedule: MergeSchedule = []
     while any(len(b) > 1 for b in blocks):
-        round_slots: List[Slot] = []
-        new_blocks: List[List[int]] = []
+        round_slots: list[Slot] = []
+        new_blocks: list[list[int]] = []
         for block in blocks:
             new_block = []
             for i in range(0, len(block), 2):
@@ -88,13 +88,13 @@ def merge_schedule(num_teacher_heads: int, num_student_heads: int, mode: str = '
     return _balanced_schedule(num_teacher_heads, num_student_heads)
 
 
-def head_groups(num_teacher_heads: int, num_student_heads: int, mode: str = 'progressive') -> List[List[int]]:
+def head_groups(num_teacher_heads: int, num_student_heads: int, mode: str = 'progressive') -> list[list[int]]:
     """Teacher head indices squeezed into each student head (student head j <- group j).
 
     Examples (progressive): 9 -> 3 gives ``[[0, 1, 2, 3], [4, 5, 6, 7], [8]]``; 16 -> 6 gives
     ``[[0..3], [4..7], [8, 9], [10, 11], [12, 13], [14, 15]]``; M == N gives one head per group.
     """
-    groups: List[List[int]] = [[h] for h in range(num_teacher_heads)]
+    groups: list[list[int]] = [[h] for h in range(num_teacher_heads)]
     for round_slots in merge_schedule(num_teacher_heads, num_student_heads, mode):
         groups = [sum((groups[i] for i in slot), []) for slot in round_slots]
     return groups

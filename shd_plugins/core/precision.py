@@ -1,6 +1,7 @@
 """Keep attention-map arithmetic in float32 inside autocast regions."""
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

@@ -3,7 +3,6 @@
 All losses compute in float32 (or float64 if given) even under autocast: attention maps are
 probability distributions over N keys and half precision loses their small entries.
 """
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f'temperature must be > 0, got {temperature}.')
 
 
-def split_prefix_tokens(prefix_tokens: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+def split_prefix_tokens(prefix_tokens: int | tuple[int, int]) -> tuple[int, int]:
     """``(teacher_prefix, student_prefix)`` from an int (same for both) or a pair."""
     if isinstance(prefix_tokens, int):
         prefix_tokens = (prefix_tokens, prefix_tokens)
@@ -45,8 +44,8 @@ def attention_map_loss(
         *,
         temperature: float = 1.0,
         loss: str = 'kl',
-        query_mask: Optional[torch.Tensor] = None,
-        key_mask: Optional[torch.Tensor] = None,
+        query_mask: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distance from target attention maps to the student's tempered maps, averaged over valid rows.
 
@@ -117,11 +116,11 @@ def shd_loss(
         merge: str = 'shd',
         grouping: str = 'progressive',
         per_row: bool = False,
-        query_mask: Optional[torch.Tensor] = None,
-        key_mask: Optional[torch.Tensor] = None,
-        prefix_tokens: Union[int, Tuple[int, int]] = 0,
+        query_mask: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        prefix_tokens: int | tuple[int, int] = 0,
         return_alphas: bool = False,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Squeezing-Heads Distillation loss for one matched layer pair.
 
     The teacher's M maps are merged into the student's N with weights computed from the tau = 1 maps; the
@@ -195,9 +194,9 @@ def output_mse_loss(student_output: torch.Tensor, teacher_output: torch.Tensor) 
 
 
 def resolve_loss_weights(
-        task_loss_weight: Optional[float] = None,
-        distill_loss_weight: Optional[float] = None,
-) -> Tuple[float, float]:
+        task_loss_weight: float | None = None,
+        distill_loss_weight: float | None = None,
+) -> tuple[float, float]:
     """timm's KD weighting: independent weights when ``distill_loss_weight`` is given (task defaults to 1),
     complementary ``(w, 1 - w)`` when only ``task_loss_weight`` is given, ``(1, 1)`` when neither is."""
     if distill_loss_weight is not None:

@@ -7,9 +7,10 @@ numbers timm's ``validate.py`` prints for the same model and data.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -17,18 +18,18 @@ from timm.data import create_dataset, create_loader, resolve_input_data_config
 from timm.utils import AverageMeter, accuracy
 from tqdm import tqdm
 
-from .data import check_imagefolder
+from ..imagefolder import check_imagefolder
 
 __all__ = [
-    "resolve_split_dir",
-    "input_img_mode",
-    "resolve_eval_data_config",
-    "build_eval_loader",
-    "evaluate_classifier",
+    'resolve_split_dir',
+    'input_img_mode',
+    'resolve_eval_data_config',
+    'build_eval_loader',
+    'evaluate_classifier',
 ]
 
 
-def resolve_split_dir(data_dir: str | Path, split: str = "val") -> Path:
+def resolve_split_dir(data_dir: str | Path, split: str = 'val') -> Path:
     """Return the ImageFolder to evaluate: ``data_dir/split`` if it exists, else ``data_dir`` itself.
 
     This lets ``--data-dir`` point either at a dataset root holding ``train/`` and ``val/`` or directly at
@@ -44,13 +45,13 @@ def resolve_split_dir(data_dir: str | Path, split: str = "val") -> Path:
     except ValueError as e:
         if split and split_dir == data_dir:
             note = f" (There is no '{split}' subfolder in {data_dir}, so it was read as the split.)"
-            raise ValueError(f"{e}{note}") from None
+            raise ValueError(f'{e}{note}') from None
         raise
 
 
 def input_img_mode(data_config: dict[str, Any]) -> str:
     """Read images as grayscale for a 1-channel model, RGB otherwise (as timm's scripts do)."""
-    return "L" if data_config["input_size"][0] == 1 else "RGB"
+    return 'L' if data_config['input_size'][0] == 1 else 'RGB'
 
 
 def resolve_eval_data_config(
@@ -87,7 +88,7 @@ def build_eval_loader(
     data_dir: str | Path,
     model: nn.Module,
     *,
-    split: str = "val",
+    split: str = 'val',
     batch_size: int = 64,
     workers: int = 0,
     in_chans: int | None = None,
@@ -97,7 +98,7 @@ def build_eval_loader(
     interpolation: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = 'cpu',
 ) -> torch.utils.data.DataLoader:
     """Build an ordered, non-augmenting loader over one ImageFolder split, preprocessed for ``model``.
 
@@ -131,22 +132,22 @@ def build_eval_loader(
             mean=mean,
             std=std,
         )
-    elif in_chans is not None and data_config["input_size"][0] != in_chans:
+    elif in_chans is not None and data_config['input_size'][0] != in_chans:
         raise ValueError(f"in_chans={in_chans} but data_config['input_size'] is {data_config['input_size']}.")
     dataset = create_dataset(
-        "", root=str(split_dir), search_split=False, input_img_mode=input_img_mode(data_config))
+        '', root=str(split_dir), search_split=False, input_img_mode=input_img_mode(data_config))
     return create_loader(
         dataset,
-        input_size=data_config["input_size"],
+        input_size=data_config['input_size'],
         batch_size=batch_size,
         is_training=False,
         use_prefetcher=False,
-        interpolation=data_config["interpolation"],
-        mean=data_config["mean"],
-        std=data_config["std"],
+        interpolation=data_config['interpolation'],
+        mean=data_config['mean'],
+        std=data_config['std'],
         num_workers=workers,
-        crop_pct=data_config["crop_pct"],
-        crop_mode=data_config["crop_mode"],
+        crop_pct=data_config['crop_pct'],
+        crop_mode=data_config['crop_mode'],
         device=torch.device(device),
     )
 
@@ -155,7 +156,7 @@ def _amp_context(device: torch.device, amp: bool, amp_dtype: torch.dtype | None)
     """Autocast context for eval: float16 on CUDA, bfloat16 elsewhere (CPU autocast lacks float16 kernels)."""
     if not amp:
         return nullcontext()
-    dtype = amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    dtype = amp_dtype or (torch.float16 if device.type == 'cuda' else torch.bfloat16)
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -196,8 +197,8 @@ def evaluate_classifier(
     num_samples = 0
 
     model.eval()
-    total = len(loader) if hasattr(loader, "__len__") else None
-    bar = tqdm(loader, total=total, desc="eval", disable=not progress, leave=False)
+    total = len(loader) if hasattr(loader, '__len__') else None
+    bar = tqdm(loader, total=total, desc='eval', disable=not progress, leave=False)
     with torch.inference_mode():
         for images, targets in bar:
             images, targets = images.to(device), targets.to(device)
@@ -211,15 +212,15 @@ def evaluate_classifier(
                 meters[k].update(acc.item(), batch_size)
                 correct[k] += int(round(acc.item() * batch_size / 100.0))
             num_samples += batch_size
-            bar.set_postfix(loss=f"{losses.avg:.4f}", **{f"top{k}": f"{meters[k].avg:.2f}" for k in topk})
+            bar.set_postfix(loss=f'{losses.avg:.4f}', **{f'top{k}': f'{meters[k].avg:.2f}' for k in topk})
 
     if num_samples == 0:
-        raise ValueError("The loader yielded no samples: nothing to evaluate.")
+        raise ValueError('The loader yielded no samples: nothing to evaluate.')
     results: dict[str, Any] = {}
     for k in topk:
-        results[f"top{k}"] = round(100.0 * correct[k] / num_samples, 4)
-    results["loss"] = round(losses.avg, 6)
-    results["num_samples"] = num_samples
+        results[f'top{k}'] = round(100.0 * correct[k] / num_samples, 4)
+    results['loss'] = round(losses.avg, 6)
+    results['num_samples'] = num_samples
     for k in topk:
-        results[f"top{k}_correct"] = correct[k]
+        results[f'top{k}_correct'] = correct[k]
     return results

@@ -1,0 +1,1 @@
+"""The embedded default: the scikit-learn digits demo."""

@@ -1,0 +1,1 @@
+"""diffusers integration: DiT sampling and model folders."""

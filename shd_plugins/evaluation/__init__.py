@@ -1,0 +1,1 @@
+"""Evaluators: FID (torch-fidelity) and top-1 (as timm's validate.py)."""
