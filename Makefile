@@ -1,28 +1,38 @@
 # Two set-up commands, each self-contained on a fresh machine:
-#   make test   creates .venv, installs the project with its dev extra, runs the tests
-#   make demo   same set-up, then runs the embedded default (digits) end to end; QUICK=1 for the short version
+#   make test   creates .venv, installs the project with its dev extra (everything + pytest, ruff), lints, runs the tests
+#   make demo   creates .venv, installs the project with its demo extra, runs the embedded default (digits) end to end;
+#               QUICK=1 for the short version
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 QUICK ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install install-demo test lint demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[demo]"
+	touch $@
 
-test: install
+install: $(VENV)/.installed-dev
+
+install-demo: $(VENV)/.installed-demo
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo: install
+demo: install-demo
 	$(BIN)/python recipes/digits_demo.py $(if $(filter 1,$(QUICK)),--quick,)
 
 clean:

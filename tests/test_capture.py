@@ -9,7 +9,14 @@ from timm.layers import AttentionRope
 from timm.layers.diff_attention import DiffAttention
 from tiny_models import dit_inputs, tiny_dit, tiny_vae, tiny_vit
 
-from shd_plugins import AttentionCapture, find_attention_layers
+from shd_plugins import AttentionCapture, SHDConfig, SHDDistiller, find_attention_layers
+from shd_plugins.capture import (
+    AttentionAdapter,
+    adapter_for,
+    attention_adapters,
+    register_attention_adapter,
+    unregister_attention_adapter,
+)
 
 
 def set_timm_fused(model, fused: bool) -> None:
@@ -186,3 +193,92 @@ def test_dit_pipeline_sampling_is_identical_with_capture_installed():
     with AttentionCapture(pipe.transformer, record_values=True) as capture, capture.recording():
         assert (sample() == reference).all()
         assert capture[0].q.shape[0] == 4  # guidance doubles the batch
+
+
+class FusedQKVAttention(torch.nn.Module):
+    """An attention class shd_plugins does not ship an adapter for: fused qkv, SDPA, a linear projection."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class FusedQKVAdapter(AttentionAdapter):
+    name = 'test_fused_qkv'
+
+    def claims(self, module):
+        return isinstance(module, FusedQKVAttention)
+
+    def geometry(self, module):
+        return module.num_heads, module.head_dim, module.head_dim ** -0.5
+
+    def install(self, module, recorder):
+        heads, head_dim = module.num_heads, module.head_dim
+
+        def record(slot, out):
+            q, k, v = out.view(*out.shape[:2], 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            slot.q, slot.k = q, k
+            if recorder.record_values:
+                slot.v = v
+        recorder.hook(module.qkv, record)
+
+    def out_weight(self, module):
+        return module.proj.weight
+
+
+@pytest.fixture
+def fused_qkv_adapter():
+    register_attention_adapter(FusedQKVAdapter)
+    yield
+    unregister_attention_adapter(FusedQKVAdapter.name)
+
+
+def stack(heads: int, seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(FusedQKVAttention(num_heads=heads), FusedQKVAttention(num_heads=heads))
+
+
+def test_unknown_attention_needs_an_adapter():
+    with pytest.raises(ValueError, match='No supported attention layers found in Sequential.*register_attention'):
+        AttentionCapture(stack(4))
+
+
+def test_a_registered_adapter_teaches_the_capture_a_new_attention(fused_qkv_adapter):
+    model = stack(4).eval()
+    x = torch.randn(2, 5, 16)
+    reference = model(x)
+    q, k, _ = model[0].qkv(x).view(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)  # head_dim 4: scale 1/2
+    with AttentionCapture(model, record_values=True) as capture:
+        with capture.recording():
+            assert torch.equal(model(x), reference)
+        torch.testing.assert_close(capture[0].logits().softmax(-1), expected)
+        assert capture[1].out_weight is model[1].proj.weight
+    assert adapter_for(model[0]).name == 'test_fused_qkv'
+
+    teacher, student = stack(4), stack(2, seed=1)
+    with SHDDistiller(teacher, student, SHDConfig(layers='uniform')) as distiller:
+        with distiller.recording():
+            distiller.teacher_forward(x)
+            student(x)
+        out = distiller.compute_loss()
+        out.loss.backward()
+    assert distiller.layer_pairs == [(0, 0), (1, 1)] and out.value > 0
+    assert student[0].qkv.weight.grad.abs().sum() > 0 and teacher[0].qkv.weight.grad is None
+
+
+def test_registry_names_are_unique_and_user_adapters_win(fused_qkv_adapter):
+    assert attention_adapters()[0].name == 'test_fused_qkv'
+    assert {'timm', 'diffusers'} <= {a.name for a in attention_adapters()}
+    with pytest.raises(ValueError, match="adapter named 'test_fused_qkv' is already registered"):
+        register_attention_adapter(FusedQKVAdapter)
+    with pytest.raises(KeyError, match="No attention adapter named 'nope'"):
+        unregister_attention_adapter('nope')

@@ -10,7 +10,7 @@ import torch
 from timm.layers import set_reentrant_ckpt
 from tiny_models import dit_inputs, tiny_dit, tiny_vit
 
-from shd_plugins import SHDDistiller
+from shd_plugins import SHDConfig, SHDDistiller
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,3 +197,28 @@ def test_ddp_two_process_gloo(tmp_path):
     for name, grad in grads[0]['grads'].items():
         torch.testing.assert_close(grad, grads[1]['grads'][name])  # all-reduced
     assert any(g.abs().sum() > 0 for n, g in grads[0]['grads'].items() if 'qkv' in n)
+
+
+def test_config_object_with_overrides_weight_and_logs():
+    teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
+    with SHDDistiller(teacher, student, SHDConfig(weight=2.0, layers='last:1'), temperature=2.0) as distiller:
+        assert distiller.config == SHDConfig(weight=2.0, layers='last:1', temperature=2.0)
+        assert distiller.layer_pairs == [(1, 1)]
+        out = vit_step(distiller, teacher, student, torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(out.loss, 2.0 * out.value)
+    logs = out.log_dict()
+    assert set(logs) == {'shd_loss', 'shd_loss/t1_s1', 'shd_alpha_mean/t1_s1', 'shd_alpha_std/t1_s1'}
+    assert logs['shd_loss'] == pytest.approx(out.value.item())
+    assert all(not t.requires_grad for t in out.log_tensors().values())
+
+
+def test_a_failed_loss_leaves_no_stale_tensors_for_the_next_step():
+    teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
+    with SHDDistiller(teacher, student) as distiller:
+        with distiller.recording():
+            distiller.teacher_forward(torch.randn(2, 3, 32, 32))
+            student(torch.randn(3, 3, 32, 32))  # batch mismatch: the loss fails
+        with pytest.raises(ValueError, match='Batch sizes differ'):
+            distiller.compute_loss()
+        with pytest.raises(RuntimeError, match='No attention was recorded'):
+            distiller.compute_loss()  # the previous step's teacher tensors are not reused
