@@ -21,12 +21,9 @@ Score existing samples (an image folder or an ADM `.npz`) on a small dataset wit
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
-import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,42 +32,25 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from PIL import Image
+from timm.utils import ParseKwargs
+from torch_fidelity.defaults import DEFAULTS
 
-from shd_plugins.diffusers.sampling import SCHEDULERS, generate_samples, load_dit_components, rank_seed
-from shd_plugins.evaluation.fid import (
+from shd_plugins.cli import user_errors
+from shd_plugins.diffusers import SCHEDULERS, generate_samples, load_dit_components, rank_seed
+from shd_plugins.evaluation import (
     INCEPTION,
-    MissingInceptionWeightsError,
+    METRICS,
     check_reference,
     compute_metrics,
     load_images,
     register_timm_feature_extractor,
     resolve_inception_weights,
+    save_image_grid,
     save_npz,
 )
 
-logger = logging.getLogger('eval.fid')
-METRICS = ('fid', 'isc', 'kid', 'prc')
+_logger = logging.getLogger('eval.fid')
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
-
-
-class ParseModelKwargs(argparse.Action):
-    """`k=v` pairs (values read as Python literals, as timm's ParseKwargs) or one JSON object."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kwargs: dict[str, Any] = {}
-        if len(values) == 1 and values[0].lstrip().startswith('{'):
-            kwargs = json.loads(values[0])
-        else:
-            for item in values:
-                key, sep, value = item.partition('=')
-                if not sep:
-                    parser.error(f'{option_string} expects key=value pairs or a JSON object, got {item!r}')
-                try:
-                    kwargs[key] = ast.literal_eval(value)
-                except (ValueError, SyntaxError):
-                    kwargs[key] = value
-        setattr(namespace, self.dest, kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument('--reference', help='image folder, .npz of images (arr_0), or .npz with mu/sigma; '
                                          'without it only the samples are written')
     ref.add_argument('--metrics', nargs='+', choices=METRICS, default=list(METRICS), help='metrics to compute')
-    ref.add_argument('--fid_batch_size', type=int, default=64, help='feature extraction batch size')
-    ref.add_argument('--kid_subset_size', type=int, default=1000, help='KID subset size (clipped to the sets)')
-    ref.add_argument('--kid_subsets', type=int, default=100, help='KID subsets')
+    ref.add_argument('--fid_batch_size', type=int, default=DEFAULTS['batch_size'],
+                     help='feature extraction batch size (default: %(default)s)')
+    ref.add_argument('--kid_subset_size', type=int, default=DEFAULTS['kid_subset_size'],
+                     help='KID subset size, clipped to the sets (default: %(default)s)')
+    ref.add_argument('--kid_subsets', type=int, default=DEFAULTS['kid_subsets'],
+                     help='KID subsets (default: %(default)s)')
     ref.add_argument('--feature_extractor', choices=('inception', 'timm'), default='inception',
                      help="inception: torch-fidelity's inception-v3-compat; timm: a classifier checkpoint")
     ref.add_argument('--inception_weights', metavar='PATH',
@@ -110,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument('--fe_num_classes', type=int, help="classes of the checkpoint's head (0: headless, no IS)")
     fe.add_argument('--fe_in_chans', type=int, default=3, help='input channels (1 for grayscale)')
     fe.add_argument('--fe_img_size', type=int, help='input size the model was built with')
-    fe.add_argument('--fe_model_kwargs', nargs='+', default={}, action=ParseModelKwargs,
-                    help='extra create_model kwargs: k=v pairs or one JSON object')
+    fe.add_argument('--fe_model_kwargs', nargs='+', default={}, action=ParseKwargs,
+                    help='extra create_model kwargs, k=v (e.g. patch_size=8 depth=6)')
     fe.add_argument('--fe_use_ema', action='store_true', help='use state_dict_ema of a train checkpoint')
     fe.add_argument('--fe_mean', type=float, nargs='+', help='override the normalization mean')
     fe.add_argument('--fe_std', type=float, nargs='+', help='override the normalization std')
@@ -154,20 +137,6 @@ def resolve_feature_extractor(args: argparse.Namespace) -> str:
     return name
 
 
-def save_image_grid(images: np.ndarray, path: Path, max_images: int = 64) -> Path:
-    """First `max_images` samples (the first classes, in label order) tiled in a square-ish grid."""
-    images = images[:max_images]
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = image
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-    return path
-
-
 def generate(args: argparse.Namespace, accelerator: Accelerator) -> tuple[np.ndarray, dict[str, Any]]:
     components = load_dit_components(args.model_path, vae_path=args.vae_path, dtype=DTYPES[args.dtype])
     start = time.perf_counter()
@@ -196,12 +165,8 @@ def generate(args: argparse.Namespace, accelerator: Accelerator) -> tuple[np.nda
     return images, info
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-
+def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Generate (or read) the samples, score them and write `--output_dir`; None on processes other than the main."""
     # Several processes without CUDA (torchrun on a CPU box) need accelerate's gloo backend.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1
     accelerator = Accelerator(cpu=multi_cpu)
@@ -223,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     output_dir.mkdir(parents=True, exist_ok=True)
     samples_npz = save_npz(images, output_dir / 'samples.npz')
     grid = save_image_grid(images, output_dir / 'samples_grid.png', args.grid_size)
-    logger.info('wrote %d samples to %s and a grid to %s', len(images), samples_npz, grid)
+    _logger.info('wrote %d samples to %s and a grid to %s', len(images), samples_npz, grid)
 
     results: dict[str, Any] = {'metrics': {}}
     if args.reference:
@@ -241,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         )
         results['metric_settings'] = results.pop('settings')
     else:
-        logger.info('no --reference: samples written, no metrics computed')
+        _logger.info('no --reference: samples written, no metrics computed')
     results.update(
         num_samples=len(images),
         samples_source=args.samples or args.model_path,
@@ -253,14 +218,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     results_file = output_dir / 'fid_results.json'
     with open(results_file, 'w') as f:
         json.dump(results, f, indent=2, default=str)
-    for key, value in results['metrics'].items():
-        print(f'{key}: {value:.6g}')
-    print(f'results: {results_file}')
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Command-line entry point: user errors end as `fid.py: error: ...` with exit status 2, as argparse's."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    with user_errors():
+        results = evaluate(args)
+    if results is not None:
+        for key, value in results['metrics'].items():
+            print(f'{key}: {value:.6g}')
+        print(f"results: {Path(args.output_dir) / 'fid_results.json'}")
     return results
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (MissingInceptionWeightsError, FileNotFoundError) as e:  # user errors: the message says what to do
-        sys.exit(f'eval/fid.py: error: {e}')
+    main()

@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import create_model, load_checkpoint, resolve_model_input_args
 from timm.utils import ParseKwargs
 
-from shd_plugins.evaluation.top1 import (
+from shd_plugins.cli import user_errors
+from shd_plugins.evaluation import (
     build_eval_loader,
+    create_eval_model,
     evaluate_classifier,
     resolve_eval_data_config,
     resolve_split_dir,
@@ -67,43 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_weights_source(args: argparse.Namespace) -> None:
-    """Fail early and clearly on a missing checkpoint: timm's loader raises a bare ``FileNotFoundError``."""
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise FileNotFoundError(
-                f'--checkpoint {args.checkpoint}: no such file. Pass the path of a state_dict or timm train '
-                'checkpoint (e.g. runs/<exp>/model_best.pth.tar).'
-            )
-    elif not args.pretrained:
-        raise ValueError(
-            'No weights to evaluate: pass --checkpoint PATH (state_dict or timm train checkpoint), or '
-            '--pretrained to download hub weights (needs internet).'
-        )
-
-
-def create_eval_model(args: argparse.Namespace) -> torch.nn.Module:
-    """Create the model as ``validate.py`` does and load ``--checkpoint`` (EMA weights with ``--use-ema``)."""
-    model = create_model(
-        **resolve_model_input_args(
-            args.model,
-            {'img_size': args.img_size, 'in_chans': args.in_chans},
-            pretrained=args.pretrained,
-            num_classes=args.num_classes,
-            **args.model_kwargs,
-        )
-    )
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
-    return model
-
-
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate ``args.model`` on ``args.data_dir``/``args.split``; return the results dict."""
-    check_weights_source(args)
     resolve_split_dir(args.data_dir, args.split)  # fail on a bad --data-dir before building the model
     device = torch.device(args.device)
-    model = create_eval_model(args).to(device)
+    model = create_eval_model(
+        args.model,
+        checkpoint=args.checkpoint,
+        use_ema=args.use_ema,
+        pretrained=args.pretrained,
+        num_classes=args.num_classes,
+        in_chans=args.in_chans,
+        img_size=args.img_size,
+        model_kwargs=args.model_kwargs,
+    ).to(device)
     data_config = resolve_eval_data_config(
         model,
         img_size=args.img_size,
@@ -121,7 +98,6 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         workers=args.workers,
         data_config=data_config,
-        device=device,
     )
     metrics = evaluate_classifier(model, loader, device=device, amp=args.amp, progress=not args.no_progress)
     return {
@@ -142,17 +118,18 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI entry point: validate, write ``--results-file``, print the JSON after ``--result``."""
+    """CLI entry point: validate, write ``--results-file``, print the JSON after ``--result``.
+
+    User errors (a missing checkpoint, a folder that is not an ImageFolder) end as ``top1.py: error: ...`` with exit
+    status 2, as argparse's own errors do.
+    """
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = build_parser().parse_args(argv)
-    try:
+    with user_errors():
         results = validate(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
-    if args.results_file:
-        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results_file).write_text(json.dumps(results, indent=4) + '\n')
+        if args.results_file:
+            Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.results_file).write_text(json.dumps(results, indent=4) + '\n')
     print(f'--result\n{json.dumps(results, indent=4)}')
     return results
 

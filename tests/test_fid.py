@@ -1,7 +1,6 @@
 """FID machinery: torch-fidelity with a timm classifier extractor, reference kinds, offline Inception, the CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from shd_plugins.evaluation.fid import (
+from shd_plugins.evaluation import (
     INCEPTION,
     FeatureStats,
     MissingInceptionWeightsError,
@@ -191,11 +190,15 @@ def test_feature_stats_validation():
         FeatureStats(np.zeros(3), np.eye(4))
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location('eval_fid_cli', REPO / 'eval' / 'fid.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _run_fid_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`eval/fid.py` as a user runs it, offline: TORCH_HOME points at an empty folder (no cached Inception)."""
+    env = {**os.environ, 'TORCH_HOME': str(cwd / 'torch_home'), 'HF_HUB_OFFLINE': '1'}
+    cmd = [sys.executable, str(REPO / 'eval' / 'fid.py'), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if 'error:' in line]
 
 
 def test_cli_scores_samples_with_timm_extractor(tmp_path, timm_extractor, low_digits, high_digits):
@@ -209,15 +212,13 @@ def test_cli_scores_samples_with_timm_extractor(tmp_path, timm_extractor, low_di
     model = timm.create_model('vit_tiny_patch16_224', num_classes=10, in_chans=1, img_size=16, **VIT_KWARGS)
     torch.save(model.state_dict(), checkpoint)
     out = tmp_path / 'out'
-    cmd = [
-        sys.executable, str(REPO / 'eval' / 'fid.py'), '--samples', str(samples), '--reference', str(reference),
+    proc = _run_fid_cli(
+        '--samples', str(samples), '--reference', str(reference),
         '--feature_extractor', 'timm', '--fe_model_name', 'vit_tiny_patch16_224', '--fe_checkpoint', str(checkpoint),
         '--fe_num_classes', '10', '--fe_in_chans', '1', '--fe_img_size', '16',
         '--fe_model_kwargs', *(f'{k}={v}' for k, v in VIT_KWARGS.items()),
-        '--kid_subsets', '10', '--output_dir', str(out), '--no_progress',
-    ]
-    env = {**os.environ, 'TORCH_HOME': str(tmp_path / 'torch_home')}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        '--kid_subsets', '10', '--output_dir', str(out), '--no_progress', cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / 'fid_results.json').read_text())
     assert results['tool'] == 'torch-fidelity' and results['feature_extractor'].startswith('timm-vit_tiny')
@@ -234,13 +235,13 @@ def test_cli_scores_samples_with_timm_extractor(tmp_path, timm_extractor, low_di
     assert Image.open(out / 'samples_grid.png').size == (8 * 16, 8 * 16)
 
     # Offline without Inception weights: a clear error, before anything is written.
-    proc = subprocess.run(
-        [sys.executable, str(REPO / 'eval' / 'fid.py'), '--samples', str(samples), '--reference', str(reference),
-         '--output_dir', str(tmp_path / 'out2')],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )
+    proc = _run_fid_cli('--samples', str(samples), '--reference', str(reference), '--output_dir',
+                        str(tmp_path / 'out2'), cwd=tmp_path)
     assert proc.returncode != 0 and '--inception_weights PATH' in proc.stderr
     assert not (tmp_path / 'out2').exists()
+    # The one command-line convention: `fid.py: error: <message>`, exit status 2, no traceback.
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert len(_error_lines(proc)) == 1 and _error_lines(proc)[0].startswith('fid.py: error: ')
 
 
 def test_cli_generates_from_a_trained_folder(tmp_path, timm_extractor, high_digits):
@@ -253,24 +254,25 @@ def test_cli_generates_from_a_trained_folder(tmp_path, timm_extractor, high_digi
     ).save_pretrained(model_dir / 'transformer')
     (model_dir / 'sample_config.json').write_text(json.dumps({'num_classes': 10, 'pixel_space': True}))
     reference = save_npz(high_digits, tmp_path / 'ref.npz')
-    cli = _load_cli()
     checkpoint = FEATURE_EXTRACTORS_REGISTRY[timm_extractor].timm_config['checkpoint']
-    results = cli.main([
+    proc = _run_fid_cli(
         '--model_path', str(model_dir), '--num_samples', '12', '--batch_size', '5', '--num_inference_steps', '2',
         '--reference', str(reference), '--metrics', 'fid', 'kid', '--kid_subsets', '5',
         '--feature_extractor', 'timm', '--fe_model_name', 'vit_tiny_patch16_224', '--fe_checkpoint', checkpoint,
         '--fe_num_classes', '10', '--fe_in_chans', '1', '--fe_img_size', '16',
-        '--fe_model_kwargs', json.dumps(VIT_KWARGS),
-        '--output_dir', str(tmp_path / 'out'), '--no_progress',
-    ])
+        '--fe_model_kwargs', *(f'{k}={v}' for k, v in VIT_KWARGS.items()),
+        '--output_dir', str(tmp_path / 'out'), '--no_progress', cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / 'out' / 'fid_results.json').read_text())
     assert results['num_samples'] == 12 and results['generation']['rank_seeds'] == [0]
     assert results['generation']['null_class_id'] == 10
     assert set(results['metrics']) == {'frechet_inception_distance', 'kernel_inception_distance_mean',
                                        'kernel_inception_distance_std'}
+    assert f"results: {tmp_path / 'out' / 'fid_results.json'}" in proc.stdout
     samples = np.load(tmp_path / 'out' / 'samples.npz')['arr_0']
     assert samples.shape == (12, 8, 8, 1) and samples.dtype == np.uint8
-    saved = json.loads((tmp_path / 'out' / 'fid_results.json').read_text())
-    assert saved['args']['num_inference_steps'] == 2 and saved['metric_settings']['kid_subset_size'] == 12
+    assert results['args']['num_inference_steps'] == 2 and results['metric_settings']['kid_subset_size'] == 12
 
 
 @pytest.mark.slow

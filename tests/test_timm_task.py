@@ -1,4 +1,13 @@
-"""Tests of ``SHDDistillationTask``: timm's logit-distillation task plus the SHD term, on tiny real ViTs."""
+"""Tests of ``SHDDistillationTask``: timm's logit-distillation task plus the SHD term, on tiny real ViTs; and SHD in a
+copy of timm's ``train.py`` (the README's three additions, the ``--shd-*`` flags reaching the task).
+
+timm's ``train.py`` is not in the wheel, so :func:`timm_train_parser` declares the flags of its parser that the tasks
+read, at module level and with the names, defaults and choices of timm 1.0.31's knowledge-distillation group;
+:func:`timm_train_task` is its task-building ``if`` chain with the README's ``elif`` branch pasted before the final
+``else: raise``.
+"""
+from __future__ import annotations
+
 import argparse
 import copy
 
@@ -6,10 +15,12 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
-from timm.task import DistillationTeacher, LogitDistillationTask
+from timm import utils
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.task import ClassificationTask, DistillationTeacher, LogitDistillationTask
 
-from shd_plugins import SHDDistiller
-from shd_plugins.timm.task import SHDDistillationTask, add_shd_args, create_distillation_teacher
+from shd_plugins import SHDConfig, SHDDistiller
+from shd_plugins.timm import SHDDistillationTask, add_shd_args, create_distillation_teacher  # README addition 1
 
 MODEL = 'vit_tiny_patch16_224'
 STUDENT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -34,9 +45,64 @@ def teacher_checkpoint(tmp_path):
     return path, teacher
 
 
+def timm_train_parser() -> argparse.ArgumentParser:
+    """The part of timm ``train.py``'s parser the tasks read (model, data normalisation, knowledge distillation)."""
+    parser = argparse.ArgumentParser(description='PyTorch ImageNet Training')
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', default='resnet50', type=str, metavar='MODEL')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
+    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group.add_argument('--smoothing', type=float, default=0.1)
+    # Knowledge Distillation parameters
+    parser.add_argument('--kd-model-name', default=None, type=str)
+    parser.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'])
+    parser.add_argument('--kd-loss-type', default='kl', type=str)
+    parser.add_argument('--distill-loss-weight', default=None, type=float)
+    parser.add_argument('--task-loss-weight', default=None, type=float)
+    parser.add_argument('--kd-temperature', default=4.0, type=float)
+    parser.add_argument('--kd-student-feature-dim', default=None, type=int)
+    parser.add_argument('--kd-teacher-feature-dim', default=None, type=int)
+    parser.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'])
+    add_shd_args(parser)  # README addition 2: after the KD arguments
+    return parser
+
+
+def timm_train_task(args, model, train_loss_fn, device, model_dtype):
+    """``train.py``'s task set-up, with the README's branch before the final ``else: raise``."""
+    if args.kd_model_name is not None:
+        if args.kd_distill_type == 'logit':
+            task = LogitDistillationTask(
+                student_model=model,
+                teacher_model=args.kd_model_name,
+                criterion=train_loss_fn,
+                loss_type=args.kd_loss_type,
+                distill_loss_weight=args.distill_loss_weight,
+                task_loss_weight=args.task_loss_weight,
+                temperature=args.kd_temperature,
+                device=device,
+                dtype=model_dtype,
+                verbose=utils.is_primary(args),
+            )
+        # README addition 3 (lines as the user pastes them):
+        elif args.kd_distill_type == 'shd':
+            task = SHDDistillationTask.from_args(
+                args, model, criterion=train_loss_fn, device=device, dtype=model_dtype,
+                verbose=utils.is_primary(args))
+        else:
+            raise ValueError(f'Unknown distillation type: {args.kd_distill_type}')
+    else:
+        task = ClassificationTask(
+            model=model, criterion=train_loss_fn, device=device, dtype=model_dtype, verbose=utils.is_primary(args))
+    return task
+
+
 def test_forward_returns_timm_keys_and_adds_the_weighted_shd_term():
     student, teacher = vit(**STUDENT_KWARGS), vit(seed=1, **TEACHER_KWARGS)
-    task = SHDDistillationTask(student, teacher, temperature=2.0, shd_weight=3.0, shd_temperature=1.5, verbose=False)
+    task = SHDDistillationTask(
+        student, teacher, temperature=2.0, shd=SHDConfig(weight=3.0, temperature=1.5), verbose=False)
     x, y = batch()
     result = task(x, y)
     assert set(result) == {'loss', 'output', 'task_loss', 'kd_loss', 'shd_loss'}
@@ -45,7 +111,8 @@ def test_forward_returns_timm_keys_and_adds_the_weighted_shd_term():
     # Same student, teacher and weights through timm's own task and a standalone distiller.
     reference = LogitDistillationTask(student, teacher, temperature=2.0, verbose=False)
     distiller = SHDDistiller(teacher, student, temperature=1.5)
-    expected = reference(x, y)
+    with distiller.recording():
+        expected = reference(x, y)
     shd = distiller.compute_loss().loss
     distiller.remove()
     torch.testing.assert_close(result['kd_loss'], expected['kd_loss'])
@@ -63,7 +130,7 @@ def test_forward_returns_timm_keys_and_adds_the_weighted_shd_term():
 def test_weighting_modes_are_timms(task_w, distill_w, expected):
     task = SHDDistillationTask(
         vit(**STUDENT_KWARGS), vit(seed=1, **TEACHER_KWARGS), task_loss_weight=task_w,
-        distill_loss_weight=distill_w, shd_weight=0.5, verbose=False)
+        distill_loss_weight=distill_w, shd=SHDConfig(weight=0.5), verbose=False)
     assert (task.task_loss_weight, task.distill_loss_weight) == pytest.approx(expected)
     result = task(*batch())
     total = expected[0] * result['task_loss'] + expected[1] * result['kd_loss'] + 0.5 * result['shd_loss']
@@ -111,8 +178,8 @@ def test_teacher_with_fewer_heads_than_student_is_refused():
 
 def test_unknown_layer_spec_is_refused():
     with pytest.raises(ValueError, match='Unknown layer spec'):
-        SHDDistillationTask(vit(**STUDENT_KWARGS), vit(seed=1, **TEACHER_KWARGS), shd_layers='every-other',
-                            verbose=False)
+        SHDDistillationTask(vit(**STUDENT_KWARGS), vit(seed=1, **TEACHER_KWARGS),
+                            shd=SHDConfig(layers='every-other'), verbose=False)
 
 
 def test_teacher_input_is_renormalised_for_its_own_mean_std():
@@ -169,21 +236,14 @@ def test_prepare_distributed_wraps_only_the_student(tmp_path):
 
 def test_add_shd_args_extends_a_timm_parser_and_builds_the_task(teacher_checkpoint):
     path, _ = teacher_checkpoint
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--kd-model-name', default=None)
-    parser.add_argument('--kd-distill-type', default='logit', choices=['logit', 'feature', 'token'])
-    parser.add_argument('--kd-loss-type', default='kl')
-    parser.add_argument('--distill-loss-weight', type=float, default=None)
-    parser.add_argument('--task-loss-weight', type=float, default=None)
-    parser.add_argument('--kd-temperature', type=float, default=4.0)
-    add_shd_args(parser)
+    parser = timm_train_parser()
     args = parser.parse_args([
         '--kd-model-name', MODEL, '--kd-distill-type', 'shd', '--kd-checkpoint', str(path),
         '--kd-model-kwargs', 'patch_size=8', 'embed_dim=64', 'depth=4', 'num_heads=8',
         '--shd-weight', '2', '--shd-layers', 'last:1', '--shd-merge', 'mean', '--shd-tokens', 'patch'])
     task = SHDDistillationTask.from_args(args, vit(**STUDENT_KWARGS), verbose=False)
-    assert task.shd_weight == 2.0 and task.temperature == 4.0
-    assert task.distiller.layer_pairs == [(3, 1)] and task.distiller.merge == 'mean'
+    assert task.shd.weight == 2.0 and task.temperature == 4.0
+    assert task.distiller.layer_pairs == [(3, 1)] and task.distiller.config.merge == 'mean'
     assert task.distiller.prefix_tokens == (1, 1)
     with pytest.raises(SystemExit):
         parser.parse_args(['--shd-merge', 'median'])
@@ -198,3 +258,112 @@ def test_shd_term_is_float32_under_autocast():
     result['loss'].backward()
     reference = task(x, y)['shd_loss']  # full precision
     torch.testing.assert_close(result['shd_loss'], reference, rtol=0.1, atol=1e-3)
+
+
+# ---- SHD in a copy of timm's train.py ----------------------------------------------------------------------
+
+
+def parse(parser: argparse.ArgumentParser, *argv: str) -> argparse.Namespace:
+    args = parser.parse_args(list(argv))
+    args.rank, args.world_size, args.distributed = 0, 1, False  # as utils.init_distributed_device sets them
+    return args
+
+
+def test_the_three_readme_additions_train_a_student_in_timms_train_py(teacher_checkpoint):
+    path, _ = teacher_checkpoint
+    parser = timm_train_parser()
+    args = parse(parser, '--model', MODEL, '--kd-model-name', MODEL, '--kd-distill-type', 'shd',
+                 '--kd-checkpoint', str(path), '--kd-model-kwargs', 'patch_size=8', 'embed_dim=64',
+                 'depth=4', 'num_heads=8', '--shd-weight', '2', '--shd-layers', 'last:1')
+    model = vit(**STUDENT_KWARGS)
+    train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    task = timm_train_task(args, model, train_loss_fn, torch.device('cpu'), None)
+
+    assert isinstance(task, SHDDistillationTask) and task.criterion is train_loss_fn
+    assert task.shd == SHDConfig(weight=2.0, layers='last:1') and task.distiller.layer_pairs == [(3, 1)]
+    teacher_state = torch.load(path, map_location='cpu')
+    assert all(torch.equal(task.teacher.model.state_dict()[k], v) for k, v in teacher_state.items())
+
+    optimizer = torch.optim.AdamW(task.trainable_module.parameters(), lr=1e-3)
+    task.train()
+    before = model.blocks[1].attn.qkv.weight.detach().clone()
+    result = task(*batch())
+    assert set(result) == {'loss', 'output', 'task_loss', 'kd_loss', 'shd_loss'}
+    torch.testing.assert_close(result['loss'], result['task_loss'] + result['kd_loss'] + 2.0 * result['shd_loss'])
+    result['loss'].backward()
+    optimizer.step()
+    assert not torch.equal(model.blocks[1].attn.qkv.weight, before)
+
+    # The other branches of the chain are untouched: timm's own logit task with the same parser.
+    args = parse(parser, '--model', MODEL)
+    assert isinstance(timm_train_task(args, vit(**STUDENT_KWARGS), train_loss_fn, None, None), ClassificationTask)
+
+
+def test_shd_choice_is_added_once_and_existing_flags_are_kept():
+    parser = timm_train_parser()
+    add_shd_args(parser)  # a second call (or a train.py declaring some flags itself) changes nothing
+    assert parser._option_string_actions['--kd-distill-type'].choices == ['logit', 'feature', 'token', 'shd']
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    assert len(flags) == len(set(flags))
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--kd-distill-type', 'attention'])
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--shd_weight', '2'])  # diffusers-style flags are not timm's
+
+
+def test_every_shd_option_reaches_the_task_through_timm_style_flags(teacher_checkpoint):
+    path, _ = teacher_checkpoint
+    parser = timm_train_parser()
+    assert SHDConfig.from_args(parser.parse_args([])) == SHDConfig()  # defaults are SHDConfig's
+    args = parse(parser, '--kd-model-name', MODEL, '--kd-distill-type', 'shd', '--kd-checkpoint',
+                 str(path), '--kd-model-kwargs', 'patch_size=8', 'embed_dim=64', 'depth=4',
+                 'num_heads=8', '--shd-weight', '0.5', '--shd-temperature', '2.5', '--shd-layers', '3:1,1:0',
+                 '--shd-merge', 'select', '--shd-loss', 'mse', '--shd-grouping', 'balanced', '--shd-tokens', 'patch',
+                 '--shd-per-row')
+    expected = SHDConfig(weight=0.5, temperature=2.5, layers='3:1,1:0', merge='select', loss='mse',
+                         grouping='balanced', tokens='patch', per_row=True)
+    task = SHDDistillationTask.from_args(args, vit(**STUDENT_KWARGS), verbose=False)
+    assert task.shd == expected and task.distiller.config == expected
+    assert task.distiller.layer_pairs == [(1, 0), (3, 1)] and task.distiller.prefix_tokens == (1, 1)
+    result = task(*batch())
+    torch.testing.assert_close(result['loss'], result['task_loss'] + result['kd_loss'] + 0.5 * result['shd_loss'])
+
+
+def test_invalid_shd_flag_values_fail_with_the_option_named(teacher_checkpoint):
+    path, _ = teacher_checkpoint
+    parser = timm_train_parser()
+    with pytest.raises(SystemExit):  # choices come from SHDConfig's modes
+        parser.parse_args(['--shd-loss', 'cosine'])
+    args = parse(parser, '--kd-model-name', MODEL, '--kd-distill-type', 'shd', '--kd-checkpoint',
+                 str(path), '--shd-temperature', '0')
+    with pytest.raises(ValueError, match='temperature must be > 0'):
+        SHDDistillationTask.from_args(args, vit(**STUDENT_KWARGS), verbose=False)
+
+
+def test_zero_weight_installs_no_hooks_and_is_timms_logit_distillation():
+    student, teacher = vit(**STUDENT_KWARGS), vit(seed=1, **TEACHER_KWARGS)
+    task = SHDDistillationTask(student, teacher, temperature=2.0, shd=SHDConfig(weight=0), verbose=False)
+    assert task.distiller is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in [*student.modules(), *teacher.modules()])
+    x, y = batch()
+    result = task(x, y)
+    expected = LogitDistillationTask(student, teacher, temperature=2.0, verbose=False)(x, y)
+    assert set(result) == {'loss', 'output', 'task_loss', 'kd_loss'}
+    torch.testing.assert_close(result['loss'], expected['loss'])
+    task.remove_hooks()
+
+
+def test_evaluation_forwards_record_nothing():
+    student, teacher = vit(**STUDENT_KWARGS), vit(seed=1, **TEACHER_KWARGS)
+    task = SHDDistillationTask(student, teacher, verbose=False)
+    x, y = batch()
+    reference = task(x, y)['shd_loss']
+    task.eval()
+    with torch.no_grad():
+        task.get_eval_model()(x)
+        task.teacher(x)
+    for capture, index in ((task.distiller.student_capture, 0), (task.distiller.teacher_capture, 1)):
+        with pytest.raises(RuntimeError, match='No attention was recorded'):
+            capture[index]
+    task.train()
+    torch.testing.assert_close(task(x, y)['shd_loss'], reference)  # the eval forwards left nothing behind

@@ -1,7 +1,6 @@
 """Tests of top-1/top-5 evaluation: the ``eval/top1.py`` CLI against a plain per-image loop."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_input_data_config
 from timm.utils import natural_key
 
-from shd_plugins.evaluation.top1 import build_eval_loader, evaluate_classifier
+from shd_plugins.evaluation import build_eval_loader, create_eval_model, evaluate_classifier, resolve_split_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / 'eval' / 'top1.py'
@@ -56,13 +55,6 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def _load_cli_module():
-    spec = importlib.util.spec_from_file_location('eval_top1_cli', CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def ema_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     """A timm-train-style checkpoint dict with different ``state_dict`` and ``state_dict_ema`` weights."""
@@ -98,7 +90,7 @@ def test_cli_matches_plain_loop(digits_imagefolder: Path, tmp_path: Path) -> Non
     }
 
 
-def test_use_ema_loads_ema_weights(digits_imagefolder: Path, ema_checkpoint, capsys) -> None:
+def test_use_ema_loads_ema_weights(digits_imagefolder: Path, ema_checkpoint) -> None:
     path, state_dict, ema_state_dict = ema_checkpoint
     refs = {}
     for name, sd in (('model', state_dict), ('ema', ema_state_dict)):
@@ -110,9 +102,10 @@ def test_use_ema_loads_ema_weights(digits_imagefolder: Path, ema_checkpoint, cap
     proc = _run_cli('--checkpoint', str(path), '--use-ema', '--data-dir', str(digits_imagefolder))
     assert proc.returncode == 0, proc.stderr
     ema_results = json.loads(proc.stdout.split('--result\n', 1)[1])
-    plain_results = _load_cli_module().main(
-        [*MODEL_ARGS, '--checkpoint', str(path), '--data-dir', str(digits_imagefolder), '-j', '0', '--no-progress']
-    )
+    model = create_eval_model(MODEL_NAME, checkpoint=path, num_classes=10, in_chans=1, img_size=32,
+                              model_kwargs=MODEL_KWARGS)  # the library path the CLI takes, without --use-ema
+    loader = build_eval_loader(digits_imagefolder, model, batch_size=64)
+    plain_results = evaluate_classifier(model, loader, device='cpu', progress=False)
     for results, ref in ((ema_results, refs['ema']), (plain_results, refs['model'])):
         assert results['top1_correct'] == ref['correct1']
         assert results['loss'] == pytest.approx(ref['loss'], abs=1e-5)
@@ -124,29 +117,41 @@ def test_missing_checkpoint_error(digits_imagefolder: Path, tmp_path: Path) -> N
     assert proc.returncode == 2
     assert f'--checkpoint {missing}: no such file' in proc.stderr
     assert 'Traceback' not in proc.stderr
+    # The one command-line convention (argparse's): a single `top1.py: error: <message>` line, exit status 2.
+    lines = [line for line in proc.stderr.splitlines() if 'error:' in line]
+    assert len(lines) == 1 and lines[0].startswith('top1.py: error: --checkpoint'), proc.stderr
 
 
-def test_errors_in_process(digits_imagefolder: Path, tmp_path: Path, capsys) -> None:
-    cli = _load_cli_module()
-    checkpoint = tmp_path / 'model.pth'
-    torch.save(_tiny_vit().state_dict(), checkpoint)
+def test_user_errors_name_the_fix(digits_imagefolder: Path, tmp_path: Path) -> None:
+    """The errors the CLI prints (see test_missing_checkpoint_error for how), raised by the library it calls."""
     (tmp_path / 'flat').mkdir()
     Image.new('L', (8, 8)).save(tmp_path / 'flat' / '1.png')
-    cases = [
-        (['--data-dir', str(digits_imagefolder)], 'No weights to evaluate: pass --checkpoint PATH'),
-        (['--checkpoint', str(checkpoint), '--data-dir', str(tmp_path / 'flat')],
-         f"{tmp_path / 'flat'} is not an ImageFolder: it holds 1 image file(s) at the top level (e.g. 1.png) but "
-         "no class subfolders. Expected layout: <dir>/<class_name>/<image files>"),
-        (['--checkpoint', str(checkpoint), '--data-dir', str(digits_imagefolder), '--split', 'test'],
-         f"There is no 'test' subfolder in {digits_imagefolder}"),
-    ]
-    for args, message in cases:
-        with pytest.raises(SystemExit) as info:
-            cli.main([*MODEL_ARGS, *args])
-        assert info.value.code == 2
-        err = capsys.readouterr().err
-        assert message in err, err
-        assert 'Traceback' not in err
+    with pytest.raises(ValueError, match='No weights to evaluate: pass --checkpoint PATH'):
+        create_eval_model(MODEL_NAME, num_classes=10, in_chans=1, img_size=32, model_kwargs=MODEL_KWARGS)
+    flat = (f"{tmp_path / 'flat'} is not an ImageFolder: it holds 1 image file(s) at the top level (e.g. 1.png) but "
+            'no class subfolders. Expected layout: <dir>/<class_name>/<image files>')
+    no_split = f"There is no 'test' subfolder in {digits_imagefolder}"
+    for (data_dir, split), message in (((tmp_path / 'flat', 'val'), flat), ((digits_imagefolder, 'test'), no_split)):
+        with pytest.raises(ValueError) as info:
+            resolve_split_dir(data_dir, split)
+        assert message in str(info.value)
+
+
+def test_sharded_loader_sees_every_image_once(digits_imagefolder: Path) -> None:
+    """``rank``/``world_size`` split the images into interleaved shards, none repeated, none dropped."""
+    model = _tiny_vit()
+    full_images, full_targets = next(iter(build_eval_loader(digits_imagefolder, model, batch_size=512)))
+    assert len(full_targets) == 359
+    world_size = 3
+    shards = [next(iter(build_eval_loader(digits_imagefolder, model, batch_size=512, rank=rank,
+                                          world_size=world_size))) for rank in range(world_size)]
+    assert sum(len(targets) for _, targets in shards) == len(full_targets)
+    assert [len(targets) for _, targets in shards] == [120, 120, 119]
+    for rank, (images, targets) in enumerate(shards):
+        assert torch.equal(targets, full_targets[rank::world_size])
+        assert torch.equal(images, full_images[rank::world_size])
+    with pytest.raises(ValueError, match='rank=3 must be in'):
+        build_eval_loader(digits_imagefolder, model, rank=3, world_size=3)
 
 
 def test_rgb_loader_and_top5_clip(digits_imagefolder: Path) -> None:

@@ -1,6 +1,8 @@
-"""End-to-end tests of ``recipes/train_timm.py``: SHD training on digits, interruption + resume, torchrun, errors."""
+"""``recipes/train_timm.py`` end to end (SHD on digits, interruption + resume, torchrun, errors) and the library
+pieces it chains (``shd_plugins.timm``: parser, setup, sampler, run directory)."""
+from __future__ import annotations
+
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -13,6 +15,16 @@ import pytest
 import timm
 import torch
 
+from shd_plugins.timm import (
+    ResumableSampler,
+    SHDDistillationTask,
+    parse_train_args,
+    resolve_output_dir,
+    resume_position,
+    setup_training,
+    truncate_summary,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'recipes' / 'train_timm.py'
 CONFIG = REPO / 'recipes' / 'configs' / 'digits_vit.yaml'
@@ -21,11 +33,6 @@ MODEL = 'vit_tiny_patch16_224'
 STUDENT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)   # digits_vit.yaml's student
 TEACHER = dict(patch_size=8, embed_dim=64, depth=4, num_heads=8)   # digits_vit.yaml's kd_model_kwargs
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}  # 2 cores shared by the tests
-
-spec = importlib.util.spec_from_file_location('train_timm', SCRIPT)
-train_timm = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_timm)
-
 
 def kwargs_flags(flag: str, kwargs: dict) -> list:
     return [flag, *[f'{k}={v}' for k, v in kwargs.items()]]
@@ -132,7 +139,7 @@ def test_torchrun_two_cpu_processes(digits_imagefolder, teacher_checkpoint, tmp_
 
 def setup_args(*argv: str):
     """Parsed args of a single process, as ``main`` has them before ``setup``."""
-    args, _ = train_timm.parse_args(list(argv))
+    args, _ = parse_train_args(list(argv))
     args.rank, args.local_rank, args.world_size, args.distributed = 0, 0, 1, False
     return args
 
@@ -150,16 +157,16 @@ def test_teacher_with_fewer_heads_than_student(digits_imagefolder, tmp_path):
                       *kwargs_flags('--model-kwargs', {**STUDENT, 'num_heads': 4}),
                       *kwargs_flags('--kd-model-kwargs', {**TEACHER, 'num_heads': 2}))
     with pytest.raises(ValueError, match='has 2 heads but student layer .* has 4'):
-        train_timm.setup(args)
+        setup_training(args)
 
 
 def test_missing_checkpoint_paths(digits_imagefolder, tmp_path):
     missing = tmp_path / 'missing_teacher.pth'
     with pytest.raises(FileNotFoundError, match='missing_teacher.pth'):
-        train_timm.setup(setup_args(*base_flags(digits_imagefolder, tmp_path / 'out', missing)))
+        setup_training(setup_args(*base_flags(digits_imagefolder, tmp_path / 'out', missing)))
     args = setup_args('-c', str(CONFIG), '--data-dir', str(digits_imagefolder), '--resume', str(tmp_path / 'x.tar'))
     with pytest.raises(FileNotFoundError, match='--resume .*x.tar'):
-        train_timm.setup(args)
+        setup_training(args)
 
 
 def test_data_dir_that_is_not_an_imagefolder(tmp_path, teacher_checkpoint):
@@ -169,54 +176,68 @@ def test_data_dir_that_is_not_an_imagefolder(tmp_path, teacher_checkpoint):
     run = subprocess.run([sys.executable, str(SCRIPT), *base_flags(not_images, tmp_path / 'out', teacher_checkpoint)],
                          capture_output=True, text=True, env=ENV, cwd=REPO)
     assert run.returncode == 2
+    assert run.stderr.splitlines()[-1].startswith('train_timm.py: error: '), run.stderr  # shd_plugins.cli convention
+    assert 'Traceback' not in run.stderr
     assert 'is not an ImageFolder' in run.stderr and str(not_images) in run.stderr
 
 
 def test_unknown_shd_layers_spec(digits_imagefolder, teacher_checkpoint, tmp_path):
     args = setup_args(*base_flags(digits_imagefolder, tmp_path / 'out', teacher_checkpoint), '--shd-layers', 'odd')
     with pytest.raises(ValueError, match="Unknown layer spec 'odd'"):
-        train_timm.setup(args)
+        setup_training(args)
 
 
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
-    args, args_text = train_timm.parse_args(['-c', str(CONFIG), '--epochs', '2', '--model-kwargs', 'depth=1'])
+    args, args_text = parse_train_args(['-c', str(CONFIG), '--epochs', '2', '--model-kwargs', 'depth=1'])
     assert args.epochs == 2 and args.model_kwargs == {'depth': 1}                  # flags win
     assert args.in_chans == 1 and args.kd_model_kwargs['num_heads'] == 8          # the file's values
     assert args.kd_distill_type == 'shd' and 'shd_weight' in args_text
     bad = tmp_path / 'bad.yaml'
     bad.write_text('shd_weigth: 2\n')
     with pytest.raises(SystemExit):
-        train_timm.parse_args(['-c', str(bad)])
+        parse_train_args(['-c', str(bad)])
 
 
 def test_output_dir_of_another_run_is_not_overwritten(tmp_path):
     (tmp_path / 'last.pth.tar').write_bytes(b'')
     args = setup_args('--data-dir', str(tmp_path), '--output', str(tmp_path))
     with pytest.raises(ValueError, match='--resume auto'):
-        train_timm.resolve_output_dir(args)
+        resolve_output_dir(args)
 
 
 def test_resumable_sampler_skips_exactly_the_seen_samples():
-    full = train_timm.ResumableSampler(103, num_replicas=2, rank=0, seed=3)
-    other = train_timm.ResumableSampler(103, num_replicas=2, rank=1, seed=3)
+    full = ResumableSampler(103, num_replicas=2, rank=0, seed=3)
+    other = ResumableSampler(103, num_replicas=2, rank=1, seed=3)
     full.set_epoch(4)
     other.set_epoch(4)
     order = [i for pair in zip(full, other) for i in pair]
     assert sorted(set(order)) == list(range(103))                     # every sample, padded to 104
-    resumed = train_timm.ResumableSampler(103, num_replicas=1, seed=3)  # a different world size
+    resumed = ResumableSampler(103, num_replicas=1, seed=3)  # a different world size
     resumed.set_epoch(4, start=40)
     assert list(resumed) == order[40:103] and len(resumed) == 63
 
 
 def test_setup_builds_the_shd_task_from_the_flags(digits_imagefolder, teacher_checkpoint, tmp_path):
     args = setup_args(*base_flags(digits_imagefolder, tmp_path / 'out', teacher_checkpoint), '--shd-weight', '2.5')
-    state = train_timm.setup(args)
+    state = setup_training(args)
     task = state['task']
-    assert isinstance(task, train_timm.SHDDistillationTask)
-    assert task.shd_weight == 2.5 and task.temperature == 4.0
+    assert isinstance(task, SHDDistillationTask)
+    assert task.shd.weight == 2.5 and task.temperature == 4.0
     assert task.distiller.layer_pairs == [(1, 0), (3, 1)]          # uniform: 4 teacher layers -> 2 student layers
     assert getattr(task.criterion, 'smoothing', None) == pytest.approx(0.1)
     teacher_state = torch.load(teacher_checkpoint, map_location='cpu')
     assert all(torch.equal(task.teacher.model.state_dict()[k], v) for k, v in teacher_state.items())
     images, _ = next(iter(state['train_loader']))
     assert images.shape == (64, 1, 32, 32)
+    assert len(state['eval_loader'].dataset) == 359                 # the whole val split on a single process
+
+
+def test_resume_position_of_timm_and_step_exact_checkpoints(tmp_path):
+    assert resume_position({'epoch': 4}, global_batch=64, updates_per_epoch=10) == (5, 0, 50)  # timm's: next epoch
+    exact = {'epoch': 1, 'resume_epoch': 2, 'epoch_samples': 320, 'num_updates': 25}
+    assert resume_position(exact, global_batch=64, updates_per_epoch=10) == (2, 320, 25)
+    assert resume_position(exact, global_batch=96, updates_per_epoch=10).epoch_samples == 288  # whole batches
+    summary = tmp_path / 'summary.csv'
+    summary.write_text('epoch,train_loss\n0,1.0\n1,0.9\n2,0.8\n')
+    truncate_summary(summary, start_epoch=2)
+    assert summary.read_text().split() == ['epoch,train_loss', '0,1.0', '1,0.9']

@@ -14,19 +14,76 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.data import create_dataset, create_loader, resolve_input_data_config
+from timm.data import create_dataset, create_transform, resolve_input_data_config
+from timm.models import create_model, load_checkpoint, resolve_model_input_args
 from timm.utils import AverageMeter, accuracy
 from tqdm import tqdm
 
 from ..imagefolder import check_imagefolder
 
 __all__ = [
+    'check_weights_source',
+    'create_eval_model',
     'resolve_split_dir',
     'input_img_mode',
     'resolve_eval_data_config',
     'build_eval_loader',
     'evaluate_classifier',
 ]
+
+
+def check_weights_source(checkpoint: str | Path | None, pretrained: bool = False) -> None:
+    """Fail early and clearly on a missing checkpoint: timm's loader raises a bare ``FileNotFoundError``.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is given but is not a file.
+        ValueError: Neither a checkpoint nor ``pretrained`` (hub) weights: there would be nothing to evaluate.
+    """
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(
+                f'--checkpoint {checkpoint}: no such file. Pass the path of a state_dict or timm train '
+                'checkpoint (e.g. runs/<exp>/model_best.pth.tar).'
+            )
+    elif not pretrained:
+        raise ValueError(
+            'No weights to evaluate: pass --checkpoint PATH (state_dict or timm train checkpoint), or '
+            '--pretrained to download hub weights (needs internet).'
+        )
+
+
+def create_eval_model(
+    model_name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    use_ema: bool = False,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    img_size: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Create the model as ``validate.py`` does and load ``checkpoint`` (its EMA weights with ``use_ema``).
+
+    ``img_size``/``in_chans`` go through ``resolve_model_input_args``, as in timm's scripts, so a model's saved input
+    settings stay the defaults and only explicit requests change them.
+
+    Raises:
+        FileNotFoundError, ValueError: See ``check_weights_source``.
+    """
+    check_weights_source(checkpoint, pretrained)
+    model = create_model(
+        **resolve_model_input_args(
+            model_name,
+            {'img_size': img_size, 'in_chans': in_chans},
+            pretrained=pretrained,
+            num_classes=num_classes,
+            **(model_kwargs or {}),
+        )
+    )
+    if checkpoint:
+        load_checkpoint(model, str(checkpoint), use_ema=use_ema)
+    return model
 
 
 def resolve_split_dir(data_dir: str | Path, split: str = 'val') -> Path:
@@ -98,13 +155,19 @@ def build_eval_loader(
     interpolation: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    device: str | torch.device = 'cpu',
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """Build an ordered, non-augmenting loader over one ImageFolder split, preprocessed for ``model``.
 
     Images are read as grayscale ("L") when the model takes one channel and converted to RGB otherwise, as
-    ``validate.py`` does. The prefetcher is off so the tensors are exactly those of
-    ``timm.data.create_transform(**data_config)`` applied image by image (no device-side normalization).
+    ``validate.py`` does. No prefetcher: the tensors are exactly those of ``timm.data.create_transform(**data_config)``
+    applied image by image (no device-side normalization), so the loader serves any device.
+
+    In a distributed run each rank takes every ``world_size``-th image starting at ``rank``: together the ranks see
+    every image exactly once. (timm's ``OrderedDistributedSampler`` pads the ranks to equal length by repeating
+    images, which shifts the accuracy slightly.) Sum the per-rank correct counts, not the per-rank accuracies.
 
     Args:
         data_dir: Dataset root holding ``<split>/``, or a split folder itself.
@@ -116,11 +179,15 @@ def build_eval_loader(
         data_config: A config from ``resolve_eval_data_config``; resolved from the model and the overrides
             below when None.
         img_size, crop_pct, interpolation, mean, std: Overrides of the model's data config.
-        device: Device the batches will be used on (kept for parity with ``create_loader``).
+        rank, world_size: This process's shard of the images (``range(rank, len(dataset), world_size)``).
+        pin_memory: Pin the batches for faster host-to-GPU copies.
 
     Raises:
-        ValueError: The split folder is not an ImageFolder, or an override contradicts the model.
+        ValueError: The split folder is not an ImageFolder, an override contradicts the model, or ``rank`` is not
+            in ``[0, world_size)``.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f'rank={rank} must be in [0, world_size={world_size}).')
     split_dir = resolve_split_dir(data_dir, split)
     if data_config is None:
         data_config = resolve_eval_data_config(
@@ -135,20 +202,25 @@ def build_eval_loader(
     elif in_chans is not None and data_config['input_size'][0] != in_chans:
         raise ValueError(f"in_chans={in_chans} but data_config['input_size'] is {data_config['input_size']}.")
     dataset = create_dataset(
-        '', root=str(split_dir), search_split=False, input_img_mode=input_img_mode(data_config))
-    return create_loader(
-        dataset,
-        input_size=data_config['input_size'],
-        batch_size=batch_size,
+        '', root=str(split_dir), is_training=False, search_split=False, input_img_mode=input_img_mode(data_config))
+    dataset.transform = create_transform(
+        data_config['input_size'],
         is_training=False,
-        use_prefetcher=False,
         interpolation=data_config['interpolation'],
         mean=data_config['mean'],
         std=data_config['std'],
-        num_workers=workers,
         crop_pct=data_config['crop_pct'],
         crop_mode=data_config['crop_mode'],
-        device=torch.device(device),
+    )
+    if world_size > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
     )
 
 

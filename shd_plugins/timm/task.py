@@ -1,14 +1,17 @@
 """Squeezing-Heads Distillation as a ``timm.task.TrainingTask``.
 
-timm (>= 1.0.23) trains through task objects: ``task(input, target)`` returns a dict whose ``'loss'`` is
+timm (>= 1.0.31) trains through task objects: ``task(input, target)`` returns a dict whose ``'loss'`` is
 backpropagated. It ships logit, feature and token distillation but no attention-map distillation.
 :class:`SHDDistillationTask` adds it the way timm would: it *is* a :class:`timm.task.LogitDistillationTask`
 (same teacher wrapper, input re-normalisation, weighting modes, DDP, EMA and checkpoint behaviour) whose loss
-gains ``shd_weight * L_SHD`` from an :class:`~shd_plugins.SHDDistiller` hooked on the teacher and the student.
+gains ``weight * L_SHD`` from an :class:`~shd_plugins.SHDDistiller` hooked on the teacher and the student. The SHD
+options are one :class:`~shd_plugins.SHDConfig`, declared and validated there, never here.
 
 A copy of timm's ``train.py`` offers ``--kd-distill-type shd`` with :func:`add_shd_args` and
 :meth:`SHDDistillationTask.from_args` (see the README).
 """
+from __future__ import annotations
+
 import argparse
 import logging
 import os
@@ -21,11 +24,7 @@ from timm.models import create_model, get_model_input_config, resolve_model_inpu
 from timm.task import DistillationTeacher, LogitDistillationTask
 from timm.utils import ParseKwargs, unwrap_model
 
-from ..config import TOKEN_MODES
-from ..core.heads import GROUPING_MODES
-from ..core.layer_mapping import LayerSpec
-from ..core.losses import LOSS_TYPES
-from ..core.merge import MERGE_MODES
+from ..config import SHDConfig
 from ..distiller import SHDDistiller
 from .data import per_channel
 
@@ -107,7 +106,7 @@ def create_distillation_teacher(
 class SHDDistillationTask(LogitDistillationTask):
     """Logit distillation plus Squeezing-Heads attention distillation.
 
-    ``loss = task_w * task_loss + distill_w * kd_loss + shd_weight * shd_loss``, where ``task_w``/``distill_w`` follow
+    ``loss = task_w * task_loss + distill_w * kd_loss + shd.weight * shd_loss``, where ``task_w``/``distill_w`` follow
     ``LogitDistillationTask`` (independent weights when ``distill_loss_weight`` is given, complementary when only
     ``task_loss_weight`` is, 1/1 otherwise) and ``shd_loss`` is the SHD loss averaged over the distilled layer pairs.
     Everything but the SHD term is timm's own code: the teacher is timm's ``DistillationTeacher`` (kept in eval
@@ -115,7 +114,9 @@ class SHDDistillationTask(LogitDistillationTask):
     and checkpoint state are the student's.
 
     The :class:`~shd_plugins.SHDDistiller` hooks ``teacher.model`` and the bare student at construction, so build the
-    task before ``prepare_distributed``/``compile`` as timm's ``train.py`` does. EMA copies carry inert hooks.
+    task before ``prepare_distributed``/``compile`` as timm's ``train.py`` does. Only the training forward records
+    attention (it runs inside ``distiller.recording()``), so evaluation and EMA forwards leave nothing behind. With
+    ``shd.weight == 0`` no hooks are installed and the task is timm's logit distillation (no ``'shd_loss'``).
 
     Args:
         student_model: Student ViT with N heads per distilled layer.
@@ -131,14 +132,8 @@ class SHDDistillationTask(LogitDistillationTask):
         distill_loss_weight: Weight of the logit KD loss (see weighting above).
         task_loss_weight: Weight of the task loss (see weighting above).
         temperature: Logit KD temperature.
-        shd_weight: lambda_SHD.
-        shd_temperature: Temperature of the attention maps.
-        shd_layers: ``'uniform'``, ``'last:K'`` or ``'t:s,...'`` pairs.
-        shd_merge: ``'shd'`` (closed form), ``'mean'`` or ``'select'`` (the paper's ablations).
-        shd_loss: ``'kl'`` or ``'mse'``.
-        shd_tokens: ``'all'``, or ``'patch'`` to drop cls/dist/register tokens (e.g. DeiT-distilled -> ViT).
-        shd_grouping: ``'progressive'`` or ``'balanced'`` merge rounds.
-        shd_per_row: One merge weight per query row.
+        shd: The SHD options (weight lambda_SHD, map temperature, layer pairs, merge, loss, tokens, grouping,
+            per_row); ``SHDConfig()`` defaults when None.
         input_mean: Normalisation the data loader applies, when it is not the student's pretrained cfg
             (``--mean``); used to re-normalise the teacher input.
         input_std: Likewise for the std.
@@ -150,7 +145,7 @@ class SHDDistillationTask(LogitDistillationTask):
 
         task = SHDDistillationTask(
             student, 'deit_small_patch16_224', teacher_pretrained_path='deit_s.pth',
-            criterion_kwargs=dict(smoothing=0.1), temperature=1.0, shd_weight=1.0, device=device)
+            criterion_kwargs=dict(smoothing=0.1), temperature=1.0, shd=SHDConfig(weight=1.0), device=device)
         result = task(input, target)   # {'loss', 'output', 'task_loss', 'kd_loss', 'shd_loss'}
         result['loss'].backward()
     """
@@ -169,14 +164,7 @@ class SHDDistillationTask(LogitDistillationTask):
             distill_loss_weight: float | None = None,
             task_loss_weight: float | None = None,
             temperature: float = 1.0,
-            shd_weight: float = 1.0,
-            shd_temperature: float = 1.0,
-            shd_layers: LayerSpec = 'uniform',
-            shd_merge: str = 'shd',
-            shd_loss: str = 'kl',
-            shd_tokens: str = 'all',
-            shd_grouping: str = 'progressive',
-            shd_per_row: bool = False,
+            shd: SHDConfig | None = None,
             input_mean: Sequence[float] | None = None,
             input_std: Sequence[float] | None = None,
             device: torch.device | None = None,
@@ -213,24 +201,11 @@ class SHDDistillationTask(LogitDistillationTask):
         )
         self._match_normalization(student, in_chans, input_mean, input_std)
 
-        self.shd_weight = shd_weight
-        self.distiller = SHDDistiller(
-            self.teacher.model,
-            student,
-            layers=shd_layers,
-            temperature=shd_temperature,
-            weight=1.0,  # lambda_SHD is applied in forward so 'shd_loss' is logged unweighted, like 'kd_loss'
-            merge=shd_merge,
-            loss=shd_loss,
-            grouping=shd_grouping,
-            tokens=shd_tokens,
-            per_row=shd_per_row,
-        )
+        self.shd = shd if shd is not None else SHDConfig()
+        self.distiller = SHDDistiller(self.teacher.model, student, self.shd) if self.shd.enabled else None
         if self.verbose:
-            _logger.info(
-                f'SHDDistillationTask: shd_weight={shd_weight}, shd_temperature={shd_temperature}, '
-                f'layer pairs (teacher, student)={self.distiller.layer_pairs}, merge={shd_merge}, loss={shd_loss}, '
-                f'tokens={shd_tokens}, grouping={shd_grouping}')
+            pairs = self.distiller.layer_pairs if self.distiller is not None else 'none (weight 0: SHD off)'
+            _logger.info(f'SHDDistillationTask: {self.shd}, layer pairs (teacher, student)={pairs}')
 
     def _match_normalization(
             self,
@@ -263,11 +238,12 @@ class SHDDistillationTask(LogitDistillationTask):
             device: torch.device | None = None,
             dtype: torch.dtype | None = None,
             verbose: bool = True,
-    ) -> 'SHDDistillationTask':
+    ) -> SHDDistillationTask:
         """Build the task from timm ``train.py`` arguments plus the flags of :func:`add_shd_args`.
 
-        Pass ``train.py``'s ``train_loss_fn`` as ``criterion`` (or ``criterion_kwargs`` for
-        ``create_classification_loss``), as it does for ``LogitDistillationTask``.
+        The SHD options are read by :meth:`SHDConfig.from_args <shd_plugins.SHDConfig.from_args>` (``args.shd_*``;
+        absent ones keep their defaults). Pass ``train.py``'s ``train_loss_fn`` as ``criterion`` (or
+        ``criterion_kwargs`` for ``create_classification_loss``), as it does for ``LogitDistillationTask``.
         """
         return cls(
             student_model=model,
@@ -281,14 +257,7 @@ class SHDDistillationTask(LogitDistillationTask):
             distill_loss_weight=args.distill_loss_weight,
             task_loss_weight=args.task_loss_weight,
             temperature=args.kd_temperature,
-            shd_weight=args.shd_weight,
-            shd_temperature=args.shd_temperature,
-            shd_layers=args.shd_layers,
-            shd_merge=args.shd_merge,
-            shd_loss=args.shd_loss,
-            shd_tokens=args.shd_tokens,
-            shd_grouping=getattr(args, 'shd_grouping', 'progressive'),
-            shd_per_row=getattr(args, 'shd_per_row', False),
+            shd=SHDConfig.from_args(args),
             input_mean=getattr(args, 'mean', None),
             input_std=getattr(args, 'std', None),
             device=device,
@@ -300,37 +269,39 @@ class SHDDistillationTask(LogitDistillationTask):
         """Logit distillation forward (student, then teacher under no_grad) plus the SHD term of the same forwards.
 
         Returns:
-            ``{'loss', 'output', 'task_loss', 'kd_loss', 'shd_loss'}``; ``shd_loss`` is unweighted.
+            ``{'loss', 'output', 'task_loss', 'kd_loss', 'shd_loss'}``; ``shd_loss`` is unweighted (like
+            ``kd_loss``), the objective adds ``shd.weight * shd_loss``.
         """
+        if self.distiller is None:
+            return super().forward(input, target)
         with self.distiller.recording():  # only the training forwards are recorded, never eval/EMA ones
             result = super().forward(input, target)
-        shd_loss = self.distiller.compute_loss().loss  # float32 even under autocast (shd_plugins.precision)
-        result['loss'] = result['loss'] + self.shd_weight * shd_loss
-        result['shd_loss'] = shd_loss
+        shd = self.distiller.compute_loss()  # float32 even under autocast (shd_plugins.core.precision)
+        result['loss'] = result['loss'] + shd.loss
+        result['shd_loss'] = shd.value
         return result
 
     def remove_hooks(self) -> None:
         """Remove the SHD capture hooks from the teacher and the student."""
-        self.distiller.remove()
-
-
-def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
-    return option in parser._option_string_actions
+        if self.distiller is not None:
+            self.distiller.remove()
 
 
 def add_shd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the SHD flags (and the local-teacher flags) to a timm ``train.py``-style parser.
+    """Add ``--kd-distill-type shd``, the local-teacher flags and the ``--shd-*`` flags to a timm ``train.py`` parser.
 
-    Adds ``'shd'`` to the choices of an existing ``--kd-distill-type``; flags the parser already has are left alone.
+    Adds ``'shd'`` to the choices of an existing ``--kd-distill-type``. The ``--shd-*`` flags (dest ``shd_<option>``)
+    are :meth:`SHDConfig.add_args <shd_plugins.SHDConfig.add_args>` in timm style, so their choices, defaults and
+    help live with the options. Flags the parser already has are left alone.
     """
     distill_type = parser._option_string_actions.get('--kd-distill-type')
     if distill_type is not None and distill_type.choices is not None and 'shd' not in distill_type.choices:
         distill_type.choices = [*distill_type.choices, 'shd']
 
-    group = parser.add_argument_group('SHD attention distillation parameters')
+    group = parser.add_argument_group('Local distillation teacher parameters')
 
     def add(*flags: str, **kwargs: Any) -> None:
-        if not any(_has_option(parser, f) for f in flags):
+        if not any(f in parser._option_string_actions for f in flags):
             group.add_argument(*flags, **kwargs)
 
     add('--kd-model-kwargs', nargs='*', default={}, action=ParseKwargs,
@@ -339,16 +310,5 @@ def add_shd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help='Local teacher weights (state_dict, .safetensors or timm train checkpoint; EMA weights preferred)')
     add('--kd-pretrained', action='store_true', default=False,
         help='Without --kd-checkpoint, download the teacher hub weights (needs internet)')
-    add('--shd-weight', type=float, default=1.0, help='Weight lambda of the SHD loss (default: 1.0)')
-    add('--shd-temperature', type=float, default=1.0, help='Temperature of the attention maps (default: 1.0)')
-    add('--shd-layers', type=str, default='uniform',
-        help="Layer pairs: 'uniform', 'last:K' or teacher:student pairs '11:5,5:2' (default: uniform)")
-    add('--shd-merge', type=str, default='shd', choices=MERGE_MODES,
-        help="Head merge: 'shd' closed form, 'mean' or 'select' ablations (default: shd)")
-    add('--shd-loss', type=str, default='kl', choices=LOSS_TYPES, help='Attention map loss (default: kl)')
-    add('--shd-tokens', type=str, default='all', choices=TOKEN_MODES,
-        help="'all' tokens, or 'patch' to drop cls/dist/register tokens of each model (default: all)")
-    add('--shd-grouping', type=str, default='progressive', choices=GROUPING_MODES,
-        help='Merge rounds: progressive adjacent pairs or balanced groups (default: progressive)')
-    add('--shd-per-row', action='store_true', default=False, help='One merge weight per query row')
+    SHDConfig.add_args(parser, style='timm')
     return parser
