@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from timm.utils import ParseKwargs
 from torch_fidelity.defaults import DEFAULTS
 
-from shd_plugins.cli import user_errors
+from shd_plugins.cli import ParseKwargs, user_errors
 from shd_plugins.diffusers import SCHEDULERS, generate_samples, load_dit_components, rank_seed
 from shd_plugins.evaluation import (
     INCEPTION,

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.utils import ParseKwargs
 
-from shd_plugins.cli import user_errors
+from shd_plugins.cli import ParseKwargs, user_errors
 from shd_plugins.evaluation import (
     build_eval_loader,
     create_eval_model,

@@ -6,12 +6,13 @@ Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
 
-__all__ = ['USER_ERRORS', 'user_errors']
+__all__ = ['USER_ERRORS', 'user_errors', 'ParseKwargs']
 
 #: Exceptions whose message tells the user what to fix.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
@@ -32,3 +33,20 @@ def user_errors(prog: str | None = None, cleanup: Callable[[], None] | None = No
             cleanup()
         print(f'{prog or os.path.basename(sys.argv[0])}: error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class ParseKwargs(argparse.Action):
+    """timm's ``ParseKwargs`` (``k=v`` words, values through ``ast.literal_eval``) with argparse's error for a bad word.
+
+    timm's action raises a bare ``ValueError`` from inside ``parse_args`` for a word without ``=`` (``depth`` for
+    ``depth=2``), which ends the script with a traceback; this checks the words first and otherwise delegates to
+    timm's parsing, so every script reads model kwargs the same way.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [value for value in values if value and '=' not in value]
+        if bad:
+            parser.error(f'argument {option_string}: expected key=value words (e.g. depth=4), got {bad[0]!r}')
+        from timm.utils import ParseKwargs as TimmParseKwargs
+
+        TimmParseKwargs.__call__(self, parser, namespace, values, option_string)

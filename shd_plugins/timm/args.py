@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 import yaml
-from timm import utils
 
+from ..cli import ParseKwargs
 from .task import KD_DISTILL_TYPES, add_shd_args
 
 __all__ = ['build_train_parsers', 'parse_train_args']
@@ -65,7 +65,7 @@ def build_train_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentPar
                        help='validation batch size (default: --batch-size)')
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                        help='batches to accumulate per optimizer step (default: 1)')
-    group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra create_model kwargs, k=v (e.g. img_size=32 patch_size=8 depth=2)')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: 0.)')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
@@ -79,7 +79,7 @@ def build_train_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentPar
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm')
     group.add_argument('--clip-mode', type=str, default='norm', help="clip mode: 'norm', 'value' or 'agc'")
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
-    group.add_argument('--opt-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
+    group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
 
     group = parser.add_argument_group('Learning rate schedule parameters')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from timm.models import create_model, get_model_input_config, resolve_model_input_args
 from timm.task import DistillationTeacher, LogitDistillationTask
-from timm.utils import ParseKwargs, unwrap_model
+from timm.utils import unwrap_model
 
+from ..cli import ParseKwargs
 from ..config import SHDConfig
 from ..distiller import SHDDistiller
 from .data import per_channel
