@@ -16,7 +16,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
 )
 
-from shd_plugins.diffusers.sampling import (
+from shd_plugins.diffusers import (
     DiTComponents,
     build_scheduler,
     class_labels_for_protocol,

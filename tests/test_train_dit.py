@@ -1,10 +1,13 @@
-"""recipes/train_dit.py: DiT training with SHD through `accelerate launch`, resume, sampling and FID; clear errors."""
+"""recipes/train_dit.py: DiT training with SHD through `accelerate launch`, resume, sampling and FID; clear errors.
+
+The script runs as a user runs it (a subprocess); its pieces are tested from the library (`shd_plugins.diffusers`).
+"""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +19,18 @@ import timm
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
+from shd_plugins import SHDConfig
+from shd_plugins.diffusers import (
+    DiTDistillationObjective,
+    LearnedSigmaVLB,
+    default_dit_scheduler,
+    disable_builtin_label_dropout,
+    drop_class_labels,
+    load_transformer,
+    load_vae,
+)
+from shd_plugins.imagefolder import check_imagefolder
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'recipes' / 'train_dit.py'
 IMAGE_SIZE = 32  # tests/conftest.py writes 32x32 digits
@@ -24,16 +39,8 @@ TINY = dict(in_channels=1, out_channels=2, sample_size=IMAGE_SIZE, patch_size=8,
 TEACHER = dict(TINY, num_attention_heads=4, attention_head_dim=8, num_layers=3)
 STUDENT = dict(TINY, num_attention_heads=2, attention_head_dim=8, num_layers=2)
 VIT_KWARGS = {'patch_size': 8, 'embed_dim': 32, 'depth': 1, 'num_heads': 2}
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location('train_dit', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_dit = _load_script()
+TRAIN_LOG_NAME = 'train_log.jsonl'
+ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
 
 
 def _free_port() -> int:
@@ -68,7 +75,7 @@ def _train_args(data: Path, models: dict[str, Path], output_dir: Path, *extra: s
 
 def _launch(args: list[str], num_processes: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
     """`accelerate launch` on CPU: 1 process with --cpu; 2 CPU processes (gloo) via torchrun + ACCELERATE_USE_CPU."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+    env = dict(ENV)
     launch = [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', str(num_processes),
               '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
     if num_processes == 1:
@@ -82,8 +89,16 @@ def _launch(args: list[str], num_processes: int = 1, timeout: int = 240) -> subp
     return result
 
 
+def _run(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python recipes/train_dit.py` (one process, no launcher): the in-process runs of the script."""
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], env=ENV, cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f'train_dit.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}'
+    return result
+
+
 def _read_log(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / train_dit.TRAIN_LOG_NAME).read_text().splitlines()]
+    return [json.loads(line) for line in (output_dir / TRAIN_LOG_NAME).read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -151,20 +166,11 @@ def test_two_cpu_processes(digits_imagefolder, models, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# In-process: latent training, errors, loss pieces
+# Latent training, errors, loss pieces
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def quiet_diffusers():
-    """main() sets diffusers' verbosity (as the examples do); restore it for the other tests."""
-    import diffusers
-    level = diffusers.utils.logging.get_verbosity()
-    yield
-    diffusers.utils.logging.set_verbosity(level)
-
-
-def test_latent_training_saves_a_dit_pipeline(digits_imagefolder, tmp_path, quiet_diffusers):
+def test_latent_training_saves_a_dit_pipeline(digits_imagefolder, tmp_path):
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
                         up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 8), latent_channels=4,
@@ -176,11 +182,11 @@ def test_latent_training_saves_a_dit_pipeline(digits_imagefolder, tmp_path, quie
     config = _write_config(tmp_path / 'student.json', dict(latent, num_attention_heads=2, attention_head_dim=8,
                                                           num_layers=1))
     out = tmp_path / 'latent'
-    train_dit.main(train_dit.parse_args([
+    _run([
         '--train_data_dir', str(digits_imagefolder / 'train'), '--resolution', str(IMAGE_SIZE),
         '--pretrained_vae_model_name_or_path', str(tmp_path / 'vae'), '--model_config', str(config),
         '--shd_teacher_model_name_or_path', str(tmp_path / 'teacher'), '--max_train_steps', '1',
-        '--train_batch_size', '4', '--report_to', 'none', '--output_dir', str(out), '--seed', '0']))
+        '--train_batch_size', '4', '--report_to', 'none', '--output_dir', str(out), '--seed', '0'])
 
     assert json.loads((out / 'sample_config.json').read_text())['pixel_space'] is False
     pipe = DiTPipeline.from_pretrained(out)
@@ -191,42 +197,50 @@ def test_latent_training_saves_a_dit_pipeline(digits_imagefolder, tmp_path, quie
     assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(images).all()
 
 
-def _error_case(case: str, root: Path, data: Path, models: dict[str, Path]) -> tuple[list[str], str]:
-    args = _train_args(data, models, root / 'out', '--max_train_steps', '1')
-    if case == 'token_count':
-        bad = dict(TEACHER, patch_size=4)  # 64 tokens instead of the student's 16
-        DiTTransformer2DModel(**bad).save_pretrained(root / 'teacher_p4')
-        args[args.index('--shd_teacher_model_name_or_path') + 1] = str(root / 'teacher_p4')
-        return args, r'different token grids.*patch_size=4 gives \(32 / patch_size 4\)\^2 = 64'
-    if case == 'sample_size':
-        DiTTransformer2DModel(**dict(TEACHER, sample_size=64, patch_size=16)).save_pretrained(root / 'teacher_s64')
-        args[args.index('--shd_teacher_model_name_or_path') + 1] = str(root / 'teacher_s64')
-        return args, 'different token grids.*sample_size=64'
-    if case == 'heads':
-        config = _write_config(root / 'wide.json', dict(STUDENT, num_attention_heads=8, attention_head_dim=4))
-        args[args.index('--model_config') + 1] = str(config)
-        return args, 'has 4 heads but student layer .* has 8'
-    if case == 'vae':
-        return [*args, '--pretrained_vae_model_name_or_path', str(root / 'no_such_vae')], \
-            '--pretrained_vae_model_name_or_path .*no_such_vae does not exist'
-    if case == 'empty_data':
-        (root / 'empty').mkdir()
-        args[args.index('--train_data_dir') + 1] = str(root / 'empty')
-        return args, 'is not an ImageFolder: it has no class subfolders'
-    raise AssertionError(case)
-
-
 @pytest.mark.parametrize('case', ['token_count', 'sample_size', 'heads', 'vae', 'empty_data'])
-def test_clear_errors(case, digits_imagefolder, models, tmp_path, quiet_diffusers):
-    args, message = _error_case(case, tmp_path, digits_imagefolder, models)
+def test_clear_errors(case, digits_imagefolder, models, tmp_path):
+    """What the script builds from its flags fails with a ValueError that names the problem and the fix."""
+    teacher, student = load_transformer(models['teacher']), DiTTransformer2DModel(**STUDENT)
+    if case == 'token_count':
+        teacher = DiTTransformer2DModel(**dict(TEACHER, patch_size=4))  # 64 tokens instead of the student's 16
+        message = r'different token grids.*patch_size=4 gives \(32 / patch_size 4\)\^2 = 64'
+    elif case == 'sample_size':
+        teacher = DiTTransformer2DModel(**dict(TEACHER, sample_size=64, patch_size=16))
+        message = 'different token grids.*sample_size=64'
+    elif case == 'heads':
+        student = DiTTransformer2DModel(**dict(STUDENT, num_attention_heads=8, attention_head_dim=4))
+        message = 'has 4 heads but student layer .* has 8'
+    elif case == 'vae':
+        message = '--pretrained_vae_model_name_or_path .*no_such_vae does not exist'
+    else:
+        (tmp_path / 'empty').mkdir()
+        message = 'is not an ImageFolder: it has no class subfolders'
     with pytest.raises(ValueError, match=message):
-        train_dit.main(train_dit.parse_args(args))
+        if case == 'vae':
+            load_vae(tmp_path / 'no_such_vae', flag='--pretrained_vae_model_name_or_path')
+        elif case == 'empty_data':
+            check_imagefolder(tmp_path / 'empty')
+        else:
+            DiTDistillationObjective(student, teacher, SHDConfig(temperature=2.0), output_kd_weight=0.5)
+
+
+def test_user_error_ends_the_script_as_argparse_does(digits_imagefolder, models, tmp_path):
+    """One `train_dit.py: error: <message>` line on stderr, exit status 2, no traceback."""
+    config = _write_config(tmp_path / 'wide.json', dict(STUDENT, num_attention_heads=8, attention_head_dim=4))
+    args = _train_args(digits_imagefolder, models, tmp_path / 'out', '--max_train_steps', '1')
+    args[args.index('--model_config') + 1] = str(config)
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], env=ENV, cwd=REPO, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 2, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('train_dit.py: error: ')]
+    assert len(errors) == 1 and 'Traceback' not in result.stderr, result.stderr[-4000:]
+    assert re.search('has 4 heads but student layer .* has 8', errors[0]), errors[0]
 
 
 def test_learned_sigma_vlb_is_zero_at_the_true_posterior():
     """With the true noise and the posterior variance (var_values = -1), p(x_{t-1}|x_t) is q's posterior: KL = 0."""
-    scheduler = train_dit.make_noise_scheduler()
-    vlb = train_dit.LearnedSigmaVLB(scheduler.betas)
+    scheduler = default_dit_scheduler()
+    vlb = LearnedSigmaVLB(scheduler.betas)
     x0 = torch.rand(3, 1, 8, 8) * 2 - 1
     noise = torch.randn_like(x0)
     t = torch.tensor([1, 500, 999])
@@ -248,10 +262,10 @@ def test_labels_are_dropped_once_for_teacher_and_student():
     with torch.no_grad():  # built-in dropout: two calls see different labels
         assert not torch.equal(model(x, timestep=t, class_labels=labels).sample,
                                model(x, timestep=t, class_labels=labels).sample)
-    train_dit.disable_builtin_label_dropout(model)
+    disable_builtin_label_dropout(model)
     with torch.no_grad():
         assert torch.equal(model(x, timestep=t, class_labels=labels).sample,
                            model(x, timestep=t, class_labels=labels).sample)
-    dropped = train_dit.drop_class_labels(labels, 0.5, null_class=10)
+    dropped = drop_class_labels(labels, 0.5, null_class=10)
     assert ((dropped == labels) | (dropped == 10)).all() and (dropped == 10).any()
-    assert torch.equal(train_dit.drop_class_labels(labels, 0.0, 10), labels)
+    assert torch.equal(drop_class_labels(labels, 0.0, 10), labels)

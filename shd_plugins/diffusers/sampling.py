@@ -18,14 +18,10 @@ rank seeded `seed * world_size + rank`, batches split over `accelerate` processe
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import torch
 from diffusers import (
@@ -38,14 +34,13 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from .model_folder import DiTComponents
+
 __all__ = [
-    'DiTComponents',
     'SCHEDULERS',
     'build_scheduler',
     'class_labels_for_protocol',
-    'default_dit_scheduler',
     'generate_samples',
-    'load_dit_components',
     'rank_seed',
     'sample_class_conditional',
     'to_uint8_images',
@@ -56,191 +51,7 @@ SCHEDULERS: dict[str, type] = {
     'ddim': DDIMScheduler,
     'dpm': DPMSolverMultistepScheduler,
 }
-_TRANSFORMER_CLASS_NAMES = ('DiTTransformer2DModel', 'Transformer2DModel')
 _LEARNED_VARIANCE_TYPES = ('learned', 'learned_range')
-
-
-@dataclass
-class DiTComponents:
-    """What sampling needs from a trained model folder.
-
-    Attributes:
-        transformer: The class-conditional denoiser.
-        scheduler: The scheduler it was trained with (its config seeds DDPM/DDIM/DPM-Solver at sampling time).
-        vae: Decoder for latent-space models; `None` for pixel-space models.
-        num_classes: Labels to sample from (`< num_embeds_ada_norm` when only a subset should be drawn).
-        pixel_space: Whether the transformer denoises pixels directly.
-        image_channels: Channels of the decoded images (1 for grayscale pixel-space models).
-    """
-
-    transformer: DiTTransformer2DModel
-    scheduler: Any
-    vae: AutoencoderKL | None
-    num_classes: int
-    pixel_space: bool
-    image_channels: int
-
-    @property
-    def latent_size(self) -> int:
-        return int(self.transformer.config.sample_size)
-
-    @property
-    def image_size(self) -> int:
-        """Side of the generated images: the latent side times the VAE's upsampling factor."""
-        if self.vae is None:
-            return self.latent_size
-        return self.latent_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------------
-
-
-def default_dit_scheduler() -> DDPMScheduler:
-    """DDPM with DiT's training schedule: 1000 steps, linear betas 1e-4..0.02, no clipping of x0 (as DiT)."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule='linear',
-        clip_sample=False,
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON ({e}).') from e
-
-
-def _is_transformer_folder(path: Path) -> bool:
-    config = path / 'config.json'
-    return config.is_file() and _read_json(config).get('_class_name') in _TRANSFORMER_CLASS_NAMES
-
-
-def resolve_transformer_folder(path: Path) -> tuple[Path, Path | None]:
-    """Returns `(transformer_folder, model_folder)`; `model_folder` is `None` for a bare transformer folder."""
-    if not path.exists():
-        raise FileNotFoundError(
-            f'Model path {path} does not exist. Expected a trained model folder with a `transformer/` subfolder '
-            f'(DiTTransformer2DModel.save_pretrained), or a transformer folder itself.'
-        )
-    if (path / 'transformer').is_dir():
-        if not _is_transformer_folder(path / 'transformer'):
-            raise ValueError(
-                f"{path / 'transformer'} has no config.json of a DiTTransformer2DModel; it is not a saved DiT "
-                f"transformer (expected `_class_name` in {_TRANSFORMER_CLASS_NAMES})."
-            )
-        return path / 'transformer', path
-    if _is_transformer_folder(path):
-        return path, None
-    raise FileNotFoundError(
-        f"No DiT transformer found in {path}: expected {path / 'transformer'}/ (DiTTransformer2DModel."
-        f"save_pretrained) or {path / 'config.json'} with `_class_name` DiTTransformer2DModel."
-    )
-
-
-def _load_scheduler(model_folder: Path | None) -> Any:
-    """The scheduler saved with the model, else DiT's default DDPM schedule."""
-    folder = model_folder / 'scheduler' if model_folder is not None else None
-    if folder is None or not folder.is_dir():
-        return default_dit_scheduler()
-    config_file = folder / 'scheduler_config.json'
-    if not config_file.is_file():
-        raise FileNotFoundError(f'{folder} exists but has no scheduler_config.json (save it with save_pretrained).')
-    class_name = _read_json(config_file).get('_class_name', 'DDPMScheduler')
-    scheduler_cls = getattr(diffusers, class_name, None)
-    if scheduler_cls is None:
-        raise ValueError(f'{config_file} names scheduler class {class_name!r}, which diffusers does not provide.')
-    return scheduler_cls.from_pretrained(folder)
-
-
-def _load_vae(
-    vae_path: str | Path | None, model_folder: Path | None, dtype: torch.dtype | None
-) -> AutoencoderKL | None:
-    if vae_path is not None:
-        vae_path = Path(vae_path)
-        if (vae_path / 'vae' / 'config.json').is_file():  # a pipeline folder
-            vae_path = vae_path / 'vae'
-        if not (vae_path / 'config.json').is_file():
-            raise FileNotFoundError(
-                f'VAE path {vae_path} has no config.json; expected an AutoencoderKL.save_pretrained folder '
-                f'(or a pipeline folder with a `vae/` subfolder).'
-            )
-        return AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
-    if model_folder is not None and (model_folder / 'vae' / 'config.json').is_file():
-        return AutoencoderKL.from_pretrained(model_folder / 'vae', torch_dtype=dtype)
-    return None
-
-
-def load_dit_components(
-    path: str | Path,
-    vae_path: str | Path | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> DiTComponents:
-    """Loads a trained DiT folder for sampling.
-
-    Layout: `<path>/transformer/` (required), `<path>/scheduler/` (else DiT's DDPM defaults), `<path>/vae/` or
-    `vae_path` (latent-space models), `<path>/sample_config.json` (optional `num_classes`, `pixel_space`,
-    `image_channels`). `path` may also be a bare transformer folder. Without `pixel_space` in
-    `sample_config.json`, a model with no VAE is taken as pixel-space only if it has 1 or 3 input channels.
-
-    Args:
-        path: Trained model folder, or a transformer folder.
-        vae_path: VAE folder overriding `<path>/vae/` (e.g. `stabilityai/sd-vae-ft-ema` saved locally).
-        device: Where to put the modules.
-        dtype: Weights dtype (`None` keeps the saved dtype).
-
-    Returns:
-        The loaded components, in eval mode.
-    """
-    transformer_folder, model_folder = resolve_transformer_folder(Path(path))
-    sample_config: dict[str, Any] = {}
-    if model_folder is not None and (model_folder / 'sample_config.json').is_file():
-        sample_config = _read_json(model_folder / 'sample_config.json')
-
-    transformer = DiTTransformer2DModel.from_pretrained(transformer_folder, torch_dtype=dtype)
-    scheduler = _load_scheduler(model_folder)
-
-    pixel_space = sample_config.get('pixel_space')
-    if pixel_space and vae_path is not None:
-        raise ValueError(
-            f'{path} is a pixel-space model (sample_config.json: pixel_space=true) but vae_path={vae_path} was '
-            f'given; drop the VAE.'
-        )
-    vae = None if pixel_space else _load_vae(vae_path, model_folder, dtype)
-    if pixel_space is None:  # undeclared: without a VAE, only 1- or 3-channel inputs can be images
-        pixel_space = vae is None and transformer.config.in_channels in (1, 3)
-    if not pixel_space and vae is None:
-        raise ValueError(
-            f"{path} is a latent-space model but no VAE was found: put an AutoencoderKL in {Path(path) / 'vae'}/ "
-            f"or pass vae_path (--vae_path)."
-        )
-
-    num_embeds = transformer.config.num_embeds_ada_norm
-    if num_embeds is None:
-        raise ValueError(f'{transformer_folder} is not class-conditional (num_embeds_ada_norm is None).')
-    num_classes = int(sample_config.get('num_classes', num_embeds))
-    if not 0 < num_classes <= num_embeds:
-        raise ValueError(
-            f"sample_config.json num_classes={num_classes} must be in [1, {num_embeds}] "
-            f"(the transformer's num_embeds_ada_norm)."
-        )
-    default_channels = transformer.config.in_channels if pixel_space else vae.config.out_channels
-    image_channels = int(sample_config.get('image_channels', default_channels))
-
-    transformer.eval()
-    if vae is not None:
-        vae.eval()
-    if device is not None:
-        transformer.to(device)
-        if vae is not None:
-            vae.to(device)
-    return DiTComponents(transformer, scheduler, vae, num_classes, bool(pixel_space), image_channels)
 
 
 def build_scheduler(name: str, config: Any) -> Any:
