@@ -1,24 +1,26 @@
-"""Figures and tables for SHD reports: what the squeeze does, where the weights land, how runs compare.
+"""Figures for SHD reports: what the squeeze does (the paper's Figure 1) and where the merge weights land (Figure 3).
 
-Matplotlib only (Agg backend), no display needed.
+Drawn on :class:`matplotlib.figure.Figure` objects, never through ``pyplot``: no display, no global backend switch
+(importing this module leaves a notebook's backend alone) and nothing kept in pyplot's figure registry.
 """
+from __future__ import annotations
+
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from .capture import AttentionCapture, num_prefix_tokens
+from .core.heads import head_groups
+from .core.merge import merge_heads
 
-from .capture import AttentionCapture, num_prefix_tokens  # noqa: E402
-from .core.heads import head_groups  # noqa: E402
-from .core.merge import merge_heads  # noqa: E402
+__all__ = ['collect_squeeze', 'plot_squeeze', 'plot_alpha_distributions', 'save_figure']
 
-__all__ = ['collect_squeeze', 'plot_squeeze', 'plot_alpha_distributions', 'save_figure', 'mean_and_spread',
-           'markdown_table']
+_logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -92,7 +94,8 @@ def plot_squeeze(
     """
     num_teacher, num_student = teacher_maps.shape[0], merged_maps.shape[0]
     cols = max(num_teacher, num_student) + (1 if image is not None else 0)
-    fig, axes = plt.subplots(3, cols, figsize=(1.6 * cols, 5.2), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 5.2))
+    axes = fig.subplots(3, cols, squeeze=False)
     offset = 1 if image is not None else 0
     vmax = float(max(teacher_maps.max(), merged_maps.max(), student_maps.max()))
     rows = [(teacher_maps, 'teacher head {}'), (merged_maps, 'squeezed {}'), (student_maps, 'student head {}')]
@@ -115,7 +118,8 @@ def plot_alpha_distributions(alphas: Mapping[str, np.ndarray], path: Path, *, ti
     names = [n for n in alphas if np.asarray(alphas[n]).size]
     cols = min(4, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False)
+    fig = Figure(figsize=(3.0 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis('off')
     for ax, name in zip(axes.flat, names):
@@ -129,26 +133,18 @@ def plot_alpha_distributions(alphas: Mapping[str, np.ndarray], path: Path, *, ti
     return save_figure(fig, path, title=title)
 
 
-def save_figure(fig: 'plt.Figure', path: Path, *, title: str = '', dpi: int = 120) -> Path:
-    """Title, tight layout, write (creating the folder) and close: every report figure ends this way."""
+def save_figure(fig: Figure, path: Path, *, title: str = '', dpi: int = 120) -> Path:
+    """Title, tight layout, write (creating the folder): every report figure ends this way.
+
+    Args:
+        fig: A :class:`~matplotlib.figure.Figure` made directly (``Figure(figsize=...)``, then ``fig.subplots``),
+            not by ``pyplot``, so nothing keeps it alive after this call.
+        path: Output file; its suffix picks the format (png, pdf, svg).
+    """
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
-
-def mean_and_spread(values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample standard deviation (0 for one value), min, max and count."""
-    array = np.asarray(values, dtype=np.float64)
-    return {'mean': float(array.mean()), 'std': float(array.std(ddof=1)) if array.size > 1 else 0.0,
-            'min': float(array.min()), 'max': float(array.max()), 'n': int(array.size)}
-
-
-def markdown_table(header: Sequence[str], rows: list[Sequence[object]]) -> str:
-    """A GitHub-flavoured markdown table."""
-    lines = ['| ' + ' | '.join(map(str, header)) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-    lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in rows]
-    return '\n'.join(lines)

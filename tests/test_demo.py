@@ -1,4 +1,6 @@
 """The embedded default end to end: `recipes/digits_demo.py --quick` on digits, then its cache."""
+from __future__ import annotations
+
 import json
 import os
 import re
@@ -34,7 +36,8 @@ def test_quick_demo_writes_a_complete_consistent_report(tmp_path):
         assert [r for r in runs if r['kind'] == kind and r['role'] == 'teacher'], kind
         for h in heads:
             for variant in VARIANTS:
-                matching = [r for r in runs if r['kind'] == kind and r.get('heads') == h and r.get('variant') == variant]
+                matching = [r for r in runs
+                            if r['kind'] == kind and r.get('heads') == h and r.get('variant') == variant]
                 assert len(matching) == (len(seeds) if kind == 'vit' else 1), (kind, h, variant)
     for r in runs:
         assert r['train_seconds'] > 0 and r['command'].startswith('python recipes/train_')
