@@ -3,7 +3,7 @@
 A squeeze from M teacher heads to N student heads is a *merge schedule*: a list of rounds, each round a
 list of slots over the current groups, a slot being ``(i,)`` (carry group i over unchanged) or ``(i, j)``
 (merge groups i and j pairwise). The groups a schedule ends with are what :func:`head_groups` returns, and
-:func:`shd_plugins.merge.merge_heads` executes the same schedule on attention maps, so the grouping and
+:func:`shd_plugins.core.merge.merge_heads` executes the same schedule on attention maps, so the grouping and
 the merge can never disagree.
 """
 from collections.abc import Sequence

@@ -115,7 +115,7 @@ def merge_heads(
         out_weight: Output-projection weight (D, M*d) as ``nn.Linear`` stores it; head h owns columns
             ``h*d:(h+1)*d``. Only needed for ``merge='shd'``.
         num_heads: Student head count N <= M.
-        grouping: ``'progressive'`` or ``'balanced'`` (see :func:`shd_plugins.heads.merge_schedule`).
+        grouping: ``'progressive'`` or ``'balanced'`` (see :func:`shd_plugins.core.heads.merge_schedule`).
         merge: ``'shd'`` (closed-form a), ``'mean'`` (a = 0.5) or ``'select'`` (a = 1, keep the first head of
             each pair): the latter two are the paper's ablation baselines.
         per_row: One a per query row instead of one per (sample, merged pair).

@@ -9,14 +9,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from matplotlib.figure import Figure
-from timm.models import load_checkpoint
 
 from ..core.layer_mapping import resolve_layer_pairs
 from ..diffusers import load_dit_components
-from ..evaluation.top1 import build_eval_loader
+from ..evaluation.top1 import build_eval_loader, create_eval_model
 from ..viz import collect_squeeze, plot_alpha_distributions, plot_squeeze, save_figure
 from .jobs import VARIANT_LABELS, VIT_NAME, VIT_STUDENT_KWARGS, VIT_TEACHER_KWARGS
 
@@ -27,9 +25,8 @@ _logger = logging.getLogger(__name__)
 
 def load_vit(run_dir: Path, model_kwargs: dict[str, int]) -> torch.nn.Module:
     """The best checkpoint of a demo ViT run (the recipe's ``model_best.pth.tar``), in eval mode."""
-    model = timm.create_model(VIT_NAME, pretrained=False, num_classes=10, in_chans=1, img_size=32, **model_kwargs)
-    load_checkpoint(model, str(run_dir / 'model_best.pth.tar'))
-    return model.eval()
+    return create_eval_model(VIT_NAME, checkpoint=run_dir / 'model_best.pth.tar', num_classes=10, in_chans=1,
+                             img_size=32, model_kwargs=model_kwargs).eval()
 
 
 def squeeze_figures(out: Path, figures: Path, heads: int, seed: int) -> dict[str, object]:

@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 import torch_fidelity
@@ -31,6 +30,7 @@ from torch_fidelity.utils import DEFAULT_FEATURE_EXTRACTOR, create_feature_extra
 
 from ..timm.data import per_channel
 from .images import as_image_dataset
+from .top1 import create_eval_model
 
 __all__ = [
     'INCEPTION',
@@ -117,17 +117,15 @@ class TimmFeatureExtractor(FeatureExtractorBase):
     def __init__(self, name: str, features_list: Sequence[str], **kwargs: Any):
         super().__init__(name, list(features_list))
         cfg = self.timm_config
-        model_kwargs = dict(cfg.get('model_kwargs') or {})
-        if cfg.get('img_size') is not None:
-            model_kwargs['img_size'] = cfg['img_size']
-        self.model = timm.create_model(
+        self.model = create_eval_model(
             cfg['model_name'],
-            pretrained=False,
+            checkpoint=cfg['checkpoint'],
+            use_ema=cfg.get('use_ema', False),
             num_classes=cfg['num_classes'],
             in_chans=cfg['in_chans'],
-            **model_kwargs,
+            img_size=cfg.get('img_size'),
+            model_kwargs=cfg.get('model_kwargs'),
         )
-        timm.models.load_checkpoint(self.model, cfg['checkpoint'], use_ema=cfg.get('use_ema', False), strict=True)
         overrides = {k: cfg[k] for k in ('mean', 'std', 'interpolation') if cfg.get(k) is not None}
         self.data_config = resolve_input_data_config(self.model, overrides)
         self.in_chans = self.data_config['input_size'][0]
