@@ -32,6 +32,7 @@ _HELP = {
     'grouping': 'Merge rounds: progressive adjacent pairs, or balanced contiguous groups',
     'tokens': "'all' tokens, or 'patch' to drop each model's cls/dist/register tokens",
     'per_row': 'One merge weight per query row instead of one per map',
+    'check_finite': 'Check the recorded q/k/v for NaN/inf at every step, not only the first (syncs the device)',
 }
 
 
@@ -50,6 +51,8 @@ class SHDConfig:
         tokens: ``'all'`` (the maps must cover the same tokens) or ``'patch'`` (drop each model's prefix tokens:
             cls/dist/registers, so e.g. a distilled DeiT can teach a ViT).
         per_row: One merge weight per query row.
+        check_finite: Check the recorded tensors for NaN/inf at every step (a device sync per step); the first step
+            is always checked.
 
     Raises:
         ValueError: An option outside its choices or range; the message names the option and the fix.
@@ -63,6 +66,7 @@ class SHDConfig:
     grouping: str = 'progressive'
     tokens: str = 'all'
     per_row: bool = False
+    check_finite: bool = False
 
     def __post_init__(self):
         for name, choices in (('merge', MERGE_MODES), ('loss', LOSS_TYPES), ('grouping', GROUPING_MODES),

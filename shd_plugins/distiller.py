@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .capture import AttentionCapture, find_attention_layers, num_prefix_tokens
+from .capture import AttentionCapture, CapturedAttention, find_attention_layers, num_prefix_tokens
 from .config import SHDConfig
 from .core.heads import merge_schedule
 from .core.layer_mapping import resolve_layer_pairs
@@ -98,13 +98,23 @@ class SHDDistiller:
         self.teacher = teacher
         self.teacher_capture = AttentionCapture(teacher, [t for t, _ in self.layer_pairs], record_values=True)
         self.student_capture = AttentionCapture(student, [s for _, s in self.layer_pairs])
+        self._finite_checked = False
+        self._said_teacher_eval = False
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[SHDDistiller]:
         """Record the teacher and student forwards run inside (the training forward); nothing else is recorded.
 
-        Entering drops whatever an earlier step left; :meth:`compute_loss` may run inside or after the block.
+        Entering drops whatever an earlier step left; :meth:`compute_loss` may run inside or after the block. A
+        teacher left in train mode is put in eval mode (said once in the log): with dropout on, its targets would
+        differ at every step.
         """
+        if self.teacher.training:
+            if not self._said_teacher_eval:
+                _logger.info('The SHD teacher was in train mode: putting it in eval mode (dropout and drop-path off) '
+                             'so that its attention targets are deterministic.')
+                self._said_teacher_eval = True
+            self.teacher.eval()
         with self.teacher_capture.recording(), self.student_capture.recording():
             yield self
 
@@ -128,10 +138,13 @@ class SHDDistiller:
         layer_losses: dict[tuple[int, int], torch.Tensor] = {}
         alphas: dict[tuple[int, int], torch.Tensor] = {}
         values: list[torch.Tensor] = []
+        check_finite = config.check_finite or not self._finite_checked
         try:
             for t, s in self.layer_pairs:
                 teacher_rec, student_rec = self.teacher_capture[t], self.student_capture[s]
                 self._check_student_graph(s, student_rec.q)
+                if check_finite:
+                    self._check_finite(t, s, teacher_rec, student_rec)
                 value, alpha = shd_loss(
                     student_rec.logits(), teacher_rec.logits(), teacher_rec.v, teacher_rec.out_weight,
                     temperature=config.temperature, loss=config.loss, merge=config.merge, grouping=config.grouping,
@@ -142,8 +155,22 @@ class SHDDistiller:
                 alphas[(t, s)] = alpha
         finally:
             self.clear()
+        self._finite_checked = True
         value = torch.stack(values).mean()
         return SHDOutput(loss=config.weight * value, value=value, layer_losses=layer_losses, alphas=alphas)
+
+    def _check_finite(self, t: int, s: int, teacher_rec: CapturedAttention, student_rec: CapturedAttention) -> None:
+        """Raise on NaN/inf in the recorded tensors, naming the tensor and the layer (syncs the device: run once)."""
+        for side, rec, layer in (('teacher', teacher_rec, self.teacher_capture.layers[t]),
+                                 ('student', student_rec, self.student_capture.layers[s])):
+            for name in ('q', 'k', 'v'):
+                tensor = getattr(rec, name)
+                if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(
+                        f"The {side}'s {name} of layer pair (teacher {t}, student {s}) holds NaN or inf (attention "
+                        f"module '{layer.name}'): the model's forward diverged or its input is not finite. Check the "
+                        f'inputs and the learning rate; SHD checks the first step, SHDConfig(check_finite=True) every '
+                        f'step.')
 
     def _check_student_graph(self, index: int, q: torch.Tensor) -> None:
         module = self.student_capture.layers[index].module

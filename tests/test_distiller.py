@@ -1,4 +1,5 @@
 """SHDDistiller on real timm ViTs and diffusers DiTs."""
+import logging
 import os
 import subprocess
 import sys
@@ -66,19 +67,30 @@ def test_dit_distillation_trains_the_student_to_the_squeezed_maps():
     distiller.remove()
 
 
-def test_the_teacher_is_never_modified():
-    teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
-    teacher.train()  # whatever mode the user left it in stays
+def test_the_teacher_is_never_modified_and_runs_in_eval_mode(caplog):
+    teacher, student = tiny_vit(num_heads=8, drop_rate=0.5), tiny_vit(num_heads=2, seed=1)
+    teacher.train()  # left in train mode: dropout would give other targets at every step
     before, hooks_before = snapshot(teacher), hook_count(teacher)
     distiller = SHDDistiller(teacher, student)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    caplog.set_level(logging.INFO, logger='shd_plugins.distiller')
+    x = torch.randn(2, 3, 32, 32)
     for _ in range(2):
-        out = vit_step(distiller, teacher, student, torch.randn(2, 3, 32, 32))
+        teacher.train()  # a user's model.train() before each step
+        out = vit_step(distiller, teacher, student, x)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
+        teacher.train()
+        with distiller.recording():  # the targets of the same input are the same at every step
+            distiller.teacher_forward(x)
+        first_q = distiller.teacher_capture[1].q
+        with distiller.recording():
+            distiller.teacher_forward(x)
+        assert torch.equal(distiller.teacher_capture[1].q, first_q)
     distiller.remove()
-    assert teacher.training
+    assert not teacher.training
+    assert caplog.text.count('The SHD teacher was in train mode: putting it in eval mode') == 1
     assert hook_count(teacher) == hooks_before == 0 and hook_count(student) == 0
     after = snapshot(teacher)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -222,3 +234,23 @@ def test_a_failed_loss_leaves_no_stale_tensors_for_the_next_step():
             distiller.compute_loss()
         with pytest.raises(RuntimeError, match='No attention was recorded'):
             distiller.compute_loss()  # the previous step's teacher tensors are not reused
+
+
+def test_non_finite_tensors_are_named_on_the_first_step_and_every_step_on_request():
+    teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float('nan')
+    with SHDDistiller(teacher, student) as distiller:
+        with distiller.recording():
+            distiller.teacher_forward(bad)
+            student(x)
+        with pytest.raises(ValueError, match=r"The teacher's q of layer pair \(teacher 0, student 0\) holds NaN or inf "
+                                             r"\(attention module 'blocks.0.attn'\)"):
+            distiller.compute_loss()
+        vit_step(distiller, teacher, student, x)  # a good first step: later steps are not checked (no device sync)
+        assert not torch.isfinite(vit_step(distiller, teacher, student, bad).value)
+    with SHDDistiller(teacher, student, check_finite=True) as distiller:
+        vit_step(distiller, teacher, student, x)
+        with pytest.raises(ValueError, match="The teacher's q of layer pair"):
+            vit_step(distiller, teacher, student, bad)

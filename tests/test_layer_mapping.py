@@ -28,3 +28,12 @@ def test_last_k_and_explicit_pairs():
 def test_bad_specs_are_clear_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         resolve_layer_pairs(spec, 12, 6)
+
+
+@pytest.mark.parametrize('teacher_layers, student_layers', [(2, 5), (1, 4), (3, 12), (12, 12), (28, 12), (5, 2)])
+def test_uniform_pairs_every_student_layer_with_an_in_range_teacher_layer(teacher_layers, student_layers):
+    pairs = resolve_layer_pairs('uniform', teacher_layers, student_layers)
+    assert [s for _, s in pairs] == list(range(student_layers))
+    assert all(0 <= t < teacher_layers for t, _ in pairs)
+    assert pairs[-1][0] == teacher_layers - 1
+    assert [t for t, _ in pairs] == sorted(t for t, _ in pairs)

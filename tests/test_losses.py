@@ -94,8 +94,20 @@ def test_bad_inputs_are_clear_errors():
     logits, values, out_weight = teacher_layer(heads=2)
     with pytest.raises(ValueError, match='teacher has 2 heads but the student has 3'):
         shd_loss(torch.randn(2, 3, 7, 7), logits, values, out_weight)
-    with pytest.raises(ValueError, match='temperature must be > 0, got 0.0'):
+    with pytest.raises(ValueError, match='temperature must be > 0 and finite, got 0.0'):
         shd_loss(torch.randn(2, 1, 7, 7), logits, values, out_weight, temperature=0.0)
+    with pytest.raises(ValueError, match='temperature must be > 0 and finite, got inf'):
+        shd_loss(torch.randn(2, 1, 7, 7), logits, values, out_weight, temperature=float('inf'))
+    with pytest.raises(ValueError, match=r'key_mask must be \(B, T\) = \(2, 7\) .*got shape \(2, 1\)'):
+        shd_loss(torch.randn(2, 1, 7, 7), logits, values, out_weight, key_mask=torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r'query_mask must be \(B, T\) = \(2, 5\)'):
+        shd_loss(torch.randn(2, 1, 7, 7), logits, values, out_weight, prefix_tokens=2,
+                 query_mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r'prefix_tokens \(teacher 7, student 7\) leave no tokens: the teacher maps '
+                                         r'cover 7 tokens'):
+        shd_loss(torch.randn(2, 1, 7, 7), logits, values, out_weight, prefix_tokens=7)
+    with pytest.raises(ValueError, match=r'The batch is empty: student_logits \(0, 1, 7, 7\)'):
+        shd_loss(torch.randn(0, 1, 7, 7), logits[:0], values[:0], out_weight)
     with pytest.raises(ValueError, match=r'teacher_values must be \(B, M, N, d\)'):
         shd_loss(torch.randn(2, 1, 7, 7), logits, values[:, :1], out_weight)
     with pytest.raises(ValueError, match="Unknown loss 'l1'"):
@@ -145,3 +157,19 @@ def test_losses_stay_float32_under_autocast():
         kd = logit_kd_loss(torch.randn(4, 10), torch.randn(4, 10))
     assert inside.dtype == torch.float32 and kd.dtype == torch.float32
     torch.testing.assert_close(inside, reference)  # no silent bf16 matmuls inside
+
+
+@pytest.mark.parametrize('per_row', [False, True])
+def test_a_sample_without_valid_keys_contributes_nothing(per_row):
+    logits, values, out_weight = teacher_layer(batch=3, heads=4)
+    student = torch.randn(3, 2, 7, 7, requires_grad=True)
+    key_mask = torch.rand(3, 7) > 0.3
+    key_mask[:, 0] = True
+    reference = shd_loss(student[:2], logits[:2], values[:2], out_weight, key_mask=key_mask[:2], per_row=per_row)
+    key_mask[2] = False  # the third sample has no key to attend: no distribution to match
+    value = shd_loss(student, logits, values, out_weight, key_mask=key_mask, per_row=per_row)
+    torch.testing.assert_close(value, reference)
+    value.backward()
+    assert torch.isfinite(student.grad).all() and student.grad[2].abs().sum() == 0
+    all_masked = shd_loss(student, logits, values, out_weight, key_mask=torch.zeros(3, 7, dtype=torch.bool))
+    assert all_masked.item() == 0.0

@@ -14,8 +14,12 @@ _SPEC_HELP = (
 
 
 def uniform_teacher_layer(student_layer: int, num_teacher_layers: int, num_student_layers: int) -> int:
-    """``round((l + 1) * L_T / L_S) - 1`` with halves rounded up (so the last layers always pair)."""
-    return int(math.floor((student_layer + 1) * num_teacher_layers / num_student_layers + 0.5)) - 1
+    """``round((l + 1) * L_T / L_S) - 1`` with halves rounded up (so the last layers always pair).
+
+    A student more than twice as deep as its teacher would get layer -1 for its first layers; those take the
+    teacher's first layer.
+    """
+    return max(0, int(math.floor((student_layer + 1) * num_teacher_layers / num_student_layers + 0.5)) - 1)
 
 
 def parse_layer_spec(spec: LayerSpec) -> tuple[str, int | list[tuple[int, int]] | None]:

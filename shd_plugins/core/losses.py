@@ -4,6 +4,8 @@ All losses compute in float32 (or float64 if given) even under autocast: attenti
 probability distributions over N keys and half precision loses their small entries.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +14,7 @@ from .precision import without_autocast
 
 __all__ = [
     'LOSS_TYPES', 'shd_loss', 'attention_map_loss', 'logit_kd_loss', 'output_mse_loss', 'resolve_loss_weights',
-    'split_prefix_tokens',
+    'split_prefix_tokens', 'check_prefix_tokens', 'prepare_masks',
 ]
 
 LOSS_TYPES = ('kl', 'mse')
@@ -23,8 +25,8 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}.')
+    if not 0 < temperature < math.inf:
+        raise ValueError(f'temperature must be > 0 and finite, got {temperature}.')
 
 
 def split_prefix_tokens(prefix_tokens: int | tuple[int, int]) -> tuple[int, int]:
@@ -35,6 +37,45 @@ def split_prefix_tokens(prefix_tokens: int | tuple[int, int]) -> tuple[int, int]
     if teacher_prefix < 0 or student_prefix < 0:
         raise ValueError(f'prefix_tokens must be >= 0, got {prefix_tokens}.')
     return teacher_prefix, student_prefix
+
+
+def check_prefix_tokens(prefix_tokens: tuple[int, int], teacher_tokens: int, student_tokens: int) -> None:
+    """The prefix tokens dropped from each side must leave at least one token."""
+    teacher_prefix, student_prefix = prefix_tokens
+    if teacher_prefix >= teacher_tokens or student_prefix >= student_tokens:
+        raise ValueError(
+            f'prefix_tokens (teacher {teacher_prefix}, student {student_prefix}) leave no tokens: the teacher maps '
+            f'cover {teacher_tokens} tokens and the student maps {student_tokens}. Drop fewer prefix tokens.')
+
+
+def prepare_masks(
+        query_mask: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+        batch: int,
+        tokens: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Check the masks' shapes and make rows without any valid key count for nothing.
+
+    A sample whose key mask is all False has no distribution to match: its rows would be NaN after the softmax. Its
+    keys are all unmasked (the values stay finite) and its query rows are marked invalid, so it contributes 0 to
+    the loss and nothing to the merge weights. Pure tensor ops: no device sync.
+
+    Returns:
+        ``(query_mask, key_mask)`` as bool tensors (B, T), or None where none was given.
+    """
+    for name, mask in (('query_mask', query_mask), ('key_mask', key_mask)):
+        if mask is not None and tuple(mask.shape) != (batch, tokens):
+            raise ValueError(
+                f'{name} must be (B, T) = ({batch}, {tokens}) over the kept tokens (after prefix tokens are dropped), '
+                f'got shape {tuple(mask.shape)}.')
+    query_mask = None if query_mask is None else query_mask.to(torch.bool)
+    if key_mask is None:
+        return query_mask, None
+    key_mask = key_mask.to(torch.bool)
+    has_key = key_mask.any(-1, keepdim=True)
+    key_mask = key_mask | ~has_key
+    query_mask = has_key.expand(batch, tokens) if query_mask is None else query_mask & has_key
+    return query_mask, key_mask
 
 
 @without_autocast
@@ -61,8 +102,9 @@ def attention_map_loss(
     if loss not in LOSS_TYPES:
         raise ValueError(f"Unknown loss '{loss}'; choose one of {LOSS_TYPES}.")
     _check_temperature(temperature)
+    query_mask, key_mask = prepare_masks(query_mask, key_mask, student_logits.shape[0], student_logits.shape[-1])
     scores = _float(student_logits) / temperature
-    key_valid = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)
+    key_valid = None if key_mask is None else key_mask[:, None, None, :]
     if key_valid is not None:
         scores = scores.masked_fill(~key_valid, float('-inf'))
     log_student = F.log_softmax(scores, dim=-1)
@@ -93,6 +135,9 @@ def _check_shd_shapes(
         raise ValueError(
             f'Batch sizes differ: student_logits {tuple(student_logits.shape)} vs teacher_logits '
             f'{tuple(teacher_logits.shape)}.')
+    if student_logits.shape[0] == 0:
+        raise ValueError(f'The batch is empty: student_logits {tuple(student_logits.shape)}. Skip the SHD loss for '
+                         f'empty batches.')
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f'Student and teacher maps cover different token counts: student {tuple(student_logits.shape)} vs '
@@ -138,7 +183,8 @@ def shd_loss(
         grouping: ``'progressive'`` or ``'balanced'``.
         per_row: One merge weight per query row.
         query_mask: (B, T) bool over the kept tokens (after prefix removal), True = row counts.
-        key_mask: (B, T) bool over the kept tokens, True = key may be attended.
+        key_mask: (B, T) bool over the kept tokens, True = key may be attended. A sample with no valid key
+            contributes 0 (it has no distribution to match).
         prefix_tokens: Leading tokens (cls/dist/register) dropped from rows and columns before the
             softmax, i.e. the remaining rows are renormalised. An int for both or ``(teacher, student)``.
         return_alphas: Also return the merge weights (B, M - N[, T]).
@@ -148,15 +194,17 @@ def shd_loss(
     """
     _check_temperature(temperature)
     teacher_prefix, student_prefix = split_prefix_tokens(prefix_tokens)
+    check_prefix_tokens((teacher_prefix, student_prefix), teacher_logits.shape[-1], student_logits.shape[-1])
     student_logits = student_logits[..., student_prefix:, student_prefix:]
     teacher_logits = teacher_logits[..., teacher_prefix:, teacher_prefix:]
     teacher_values = teacher_values[:, :, teacher_prefix:]
     _check_shd_shapes(student_logits, teacher_logits, teacher_values)
+    query_mask, key_mask = prepare_masks(query_mask, key_mask, student_logits.shape[0], student_logits.shape[-1])
 
     with torch.no_grad():
         teacher_scores = _float(teacher_logits.detach())
         if key_mask is not None:
-            teacher_scores = teacher_scores.masked_fill(~key_mask[:, None, None, :].to(torch.bool), float('-inf'))
+            teacher_scores = teacher_scores.masked_fill(~key_mask[:, None, None, :], float('-inf'))
         teacher_maps = teacher_scores.softmax(-1)
         # Invalid query rows must not steer the merge weights: zero them for the weight computation only.
         weight_maps = teacher_maps if query_mask is None else teacher_maps * query_mask[:, None, :, None]
