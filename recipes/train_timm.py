@@ -21,9 +21,13 @@ Examples (the embedded digits data, CPU)::
 
 Checkpoints follow timm: ``last.pth.tar`` every epoch, the ``--checkpoint-hist`` best as ``checkpoint-<epoch>`` and
 ``model_best.pth.tar`` (ranked by ``--eval-metric``), ``recovery-<epoch>-<batch>.pth.tar`` every
-``--recovery-interval`` optimizer steps. They also hold the LR scheduler, the optimizer step and the position in
-the epoch, so ``--resume`` (a path, or ``auto`` for the latest checkpoint in the output directory) continues
-from the saved step with the samples that epoch had not yet seen. ``summary.csv`` gets one row per epoch.
+``--recovery-interval`` optimizer steps. They also hold the LR scheduler, the optimizer step, the position in
+the epoch and the random generators, so ``--resume`` (a path, or ``auto``) continues from the saved step with the
+samples that epoch had not yet seen, augmented as before (per-sample seeds): on CPU a killed and resumed run ends
+with the weights of an uninterrupted one (``tests/test_timm_checkpoints.py``). ``--resume auto`` takes the newest
+readable checkpoint of this run (``last``, then ``checkpoint-<epoch>``, then this run's ``recovery-*``), logging
+each file it skips and why (truncated, another run's). ``summary.csv`` gets one row per epoch. A timm train
+checkpoint of the teacher records its model, so ``--kd-checkpoint`` alone builds it.
 
 The pieces (flags, loaders, task, one epoch, checkpoints) are :mod:`shd_plugins.timm`; this script only orders them.
 A user error (a wrong path, option or data folder) ends it with ``train_timm.py: error: <message>`` and status 2.
@@ -46,15 +50,16 @@ from timm import utils
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import load_checkpoint_metadata
 
 from shd_plugins.cli import user_errors
 from shd_plugins.timm import (
     ResumableSampler,
     TrainStateSaver,
     parse_train_args,
+    read_checkpoint_metadata,
     resolve_amp,
     resolve_lr,
+    restore_rng_state,
     resume_position,
     setup_training,
     train_one_epoch,
@@ -105,10 +110,10 @@ def train(
 
     resume = None
     if args.resume:
+        resume = read_checkpoint_metadata(args.resume)  # readable: setup_training checked it (auto: found it)
         resume_task_checkpoint(
             task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
             log_info=primary)
-        resume = load_checkpoint_metadata(args.resume)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device=torch.device('cpu') if args.model_ema_force_cpu else None)
@@ -150,6 +155,9 @@ def train(
         _logger.info(f'Training {num_epochs} epochs of {updates_per_epoch} steps (global batch {global_batch} x '
                      f'{args.grad_accum_steps} accumulation) into {output_dir}.')
 
+    if resume is not None and args.world_size == 1 and not restore_rng_state(resume):
+        _logger.warning(f"'{args.resume}' holds no generator states: dropout and drop-path draw differently from "
+                        f'the run that saved it.')  # several processes keep their own seeds (rank 0's are saved)
     best = None
     for epoch in range(start_epoch, num_epochs):
         start_batch = start_samples // global_batch if epoch == start_epoch else 0

@@ -17,10 +17,21 @@ import torch
 import torch.distributed as dist
 from timm import utils
 from timm.loss import LabelSmoothingCrossEntropy
-from timm.task import ClassificationTask, DistillationTeacher, LogitDistillationTask
+from timm.task import (
+    ClassificationTask,
+    DistillationTeacher,
+    FeatureDistillationTask,
+    LogitDistillationTask,
+    TokenDistillationTask,
+)
 
 from shd_plugins import SHDConfig, SHDDistiller
-from shd_plugins.timm import SHDDistillationTask, add_shd_args, create_distillation_teacher  # README addition 1
+from shd_plugins.timm import (  # README addition 1
+    SHDDistillationTask,
+    add_shd_args,
+    create_distillation_task,
+    create_distillation_teacher,
+)
 
 MODEL = 'vit_tiny_patch16_224'
 STUDENT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -71,28 +82,11 @@ def timm_train_parser() -> argparse.ArgumentParser:
 
 
 def timm_train_task(args, model, train_loss_fn, device, model_dtype):
-    """``train.py``'s task set-up, with the README's branch before the final ``else: raise``."""
-    if args.kd_model_name is not None:
-        if args.kd_distill_type == 'logit':
-            task = LogitDistillationTask(
-                student_model=model,
-                teacher_model=args.kd_model_name,
-                criterion=train_loss_fn,
-                loss_type=args.kd_loss_type,
-                distill_loss_weight=args.distill_loss_weight,
-                task_loss_weight=args.task_loss_weight,
-                temperature=args.kd_temperature,
-                device=device,
-                dtype=model_dtype,
-                verbose=utils.is_primary(args),
-            )
-        # README addition 3 (lines as the user pastes them):
-        elif args.kd_distill_type == 'shd':
-            task = SHDDistillationTask.from_args(
-                args, model, criterion=train_loss_fn, device=device, dtype=model_dtype,
-                verbose=utils.is_primary(args))
-        else:
-            raise ValueError(f'Unknown distillation type: {args.kd_distill_type}')
+    """``train.py``'s task set-up with the README's addition 3: its ``if args.kd_model_name is not None:`` chain of
+    ``LogitDistillationTask``/``FeatureDistillationTask``/``TokenDistillationTask``/``raise`` replaced by one call."""
+    if args.kd_model_name is not None or args.kd_checkpoint:  # README addition 3 (lines as the user pastes them)
+        task = create_distillation_task(
+            args, model, criterion=train_loss_fn, device=device, dtype=model_dtype, verbose=utils.is_primary(args))
     else:
         task = ClassificationTask(
             model=model, criterion=train_loss_fn, device=device, dtype=model_dtype, verbose=utils.is_primary(args))
@@ -367,3 +361,25 @@ def test_evaluation_forwards_record_nothing():
             capture[index]
     task.train()
     torch.testing.assert_close(task(x, y)['shd_loss'], reference)  # the eval forwards left nothing behind
+
+
+@pytest.mark.parametrize('distill_type, task_class', [
+    ('logit', LogitDistillationTask), ('feature', FeatureDistillationTask), ('token', TokenDistillationTask),
+    ('shd', SHDDistillationTask)])
+def test_every_kd_distill_type_in_timms_train_py_uses_the_local_teacher(teacher_checkpoint, distill_type, task_class):
+    """Issue 12.7: timm's chain gave logit/feature/token the hub name, ignoring --kd-checkpoint/--kd-model-kwargs."""
+    path, reference = teacher_checkpoint
+    args = parse(timm_train_parser(), '--model', MODEL, '--kd-model-name', MODEL, '--kd-distill-type', distill_type,
+                 '--kd-checkpoint', str(path), '--kd-model-kwargs', 'patch_size=8', 'embed_dim=64', 'depth=4',
+                 'num_heads=8', '--kd-student-feature-dim', '32', '--kd-teacher-feature-dim', '64')
+    train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    torch.manual_seed(0)
+    student = (timm.create_model('deit_tiny_distilled_patch16_224', num_classes=10, **STUDENT_KWARGS)
+               if distill_type == 'token' else vit(**STUDENT_KWARGS))  # token KD needs a distillation head
+    task = timm_train_task(args, student, train_loss_fn, torch.device('cpu'), None)
+    assert type(task) is task_class and task.criterion is train_loss_fn
+    loaded = task.teacher.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
+    task.train()
+    result = task(*batch())
+    assert torch.isfinite(result['loss']) and {'kd_loss', 'distill_loss'} & set(result)  # token: distill_loss

@@ -2,7 +2,9 @@
 
 timm's ``CheckpointSaver`` writes ``last``, the best ``--checkpoint-hist`` and ``recovery-*`` files, but a recovery
 checkpoint resumes at the start of the next epoch. :class:`TrainStateSaver` adds the LR scheduler and the position
-in the epoch; :func:`resume_position` reads it back; :func:`find_latest_checkpoint` is ``--resume auto``.
+in the epoch, and the random generators' states; :func:`resume_position` and :func:`restore_rng_state` read them
+back; :func:`find_latest_checkpoint` is ``--resume auto``; :func:`read_checkpoint_metadata` names a file that cannot
+be read. Every load goes through timm's ``weights_only=True`` loader (``argparse.Namespace`` allowed), never a pickle.
 """
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ import argparse
 import csv
 import logging
 import os
+import random
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from timm import utils
 from timm.utils import CheckpointSaver, load_checkpoint_metadata
@@ -22,6 +27,9 @@ __all__ = [
     'TrainStateSaver',
     'ResumePosition',
     'resume_position',
+    'rng_state',
+    'restore_rng_state',
+    'read_checkpoint_metadata',
     'checkpoint_step',
     'find_latest_checkpoint',
     'check_file',
@@ -32,6 +40,10 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_EXT = '.pth.tar'
+
+#: ``args`` that must agree for a recovery file to be this run's (another batch size or data set is another run).
+RUN_KEYS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'img_size', 'batch_size', 'grad_accum_steps',
+            'seed', 'data_dir', 'kd_model_name', 'kd_distill_type')
 
 
 class TrainStateSaver(CheckpointSaver):
@@ -71,6 +83,7 @@ class TrainStateSaver(CheckpointSaver):
         save_state.update(self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn))
         if self.lr_scheduler is not None:
             save_state['scheduler'] = self.lr_scheduler.state_dict()
+        save_state['rng_state'] = rng_state()
         save_state.update(self.train_state)
         if metric is not None:
             save_state['metric'] = metric
@@ -103,22 +116,131 @@ def resume_position(metadata: dict[str, Any], *, global_batch: int, updates_per_
     return ResumePosition(epoch, samples, num_updates)
 
 
+def rng_state() -> dict[str, Any]:
+    """The global generators (torch CPU and CUDA, ``random``, numpy) as plain tensors and tuples.
+
+    Only the model's own randomness (dropout, drop-path) draws from them in this loop (augmentation is seeded per
+    sample, :class:`~shd_plugins.timm.data.SeededAugmentation`); restoring them makes a resumed step bit-identical.
+    Every entry loads with ``weights_only=True``.
+    """
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'python': random.getstate(),
+        'numpy': (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(metadata: dict[str, Any]) -> bool:
+    """Set the global generators from a checkpoint's ``'rng_state'``; False (nothing changed) when it has none."""
+    state = metadata.get('rng_state')
+    if not state:
+        return False
+    torch.set_rng_state(state['torch'])
+    version, keys, gauss = state['python']
+    random.setstate((version, tuple(keys), gauss))
+    keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    return True
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's entries (timm's ``load_checkpoint_metadata``: ``weights_only=True``, tensors memory-mapped).
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: The file is truncated, empty or not a PyTorch checkpoint dict; the message names it (torch
+            alone says ``failed finding central directory`` or ``[Errno 22] Invalid argument``, without the path).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
+    try:
+        metadata = load_checkpoint_metadata(str(path))
+    except Exception as e:
+        raise ValueError(
+            f"Checkpoint '{path}' ({os.path.getsize(path)} bytes) cannot be read: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no detail'}. It is truncated or corrupt (an interrupted save "
+            f"or copy) or not a PyTorch checkpoint: pass another one (--resume auto falls back to the previous "
+            f"checkpoint of the run).") from e
+    if not isinstance(metadata, dict):
+        raise ValueError(f"Checkpoint '{path}' holds a {type(metadata).__name__}, not a checkpoint dict.")
+    return metadata
+
+
 def checkpoint_step(path: str | Path) -> int:
     """Optimizer step a checkpoint was saved at (-1 if it does not record one or cannot be read)."""
     try:
-        return int(load_checkpoint_metadata(str(path)).get('num_updates', -1))
-    except Exception as e:  # a truncated or foreign file must not stop the search
-        _logger.warning(f"Skipping unreadable checkpoint '{path}': {e}")
+        return int(read_checkpoint_metadata(path).get('num_updates', -1))
+    except (OSError, ValueError) as e:  # a truncated or foreign file must not stop the search
+        _logger.warning(f'Skipping: {e}')
         return -1
 
 
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint of ``output_dir`` with the most optimizer steps (``last`` wins ties over a recovery file)."""
+def _position(metadata: dict[str, Any]) -> tuple[int, int]:
+    """(epoch to resume at, samples of it done): comparable between step-exact and plain timm checkpoints."""
+    return int(metadata.get('resume_epoch', metadata.get('epoch', -1) + 1)), int(metadata.get('epoch_samples', 0))
+
+
+def _run_differences(metadata: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The :data:`RUN_KEYS` on which a checkpoint's saved ``args`` and this run's disagree."""
+    saved = metadata.get('args')
+    if saved is None:
+        return ['args (the checkpoint records none)']
+    differences = []
+    for key in RUN_KEYS:
+        ours, theirs = getattr(args, key, None), getattr(saved, key, None)
+        if key == 'data_dir' and ours and theirs:
+            ours, theirs = str(Path(ours).resolve()), str(Path(theirs).resolve())
+        if ours != theirs:
+            differences.append(f'{key}={theirs!r} (this run: {ours!r})')
+    return differences
+
+
+def find_latest_checkpoint(output_dir: str | Path, args: argparse.Namespace | None = None) -> Path | None:
+    """``--resume auto``: the newest readable checkpoint of this run in ``output_dir``, or None.
+
+    Candidates are ``last``, then ``checkpoint-<epoch>`` (newest epoch first), then ``recovery-*`` files; the one
+    furthest into training wins, earlier candidates winning ties. A file that cannot be read (a truncated ``last``)
+    is skipped, so the valid ``checkpoint-<epoch>`` files behind it still resume the run. Given ``args``, a recovery
+    file whose saved args differ on :data:`RUN_KEYS` belongs to another run (a stray file in a reused folder: its
+    position would be "batch 30 of 8" here) and is skipped. Every skipped file is logged with the reason.
+    """
     output_dir = Path(output_dir)
-    candidates = [output_dir / f'last{CHECKPOINT_EXT}', *sorted(output_dir.glob(f'recovery-*{CHECKPOINT_EXT}'))]
-    steps = {path: checkpoint_step(path) for path in candidates if path.is_file()}
-    steps = {path: step for path, step in steps.items() if step >= 0}
-    return max(steps, key=steps.get) if steps else None
+
+    def epoch_of(path: Path) -> int:
+        match = re.fullmatch(rf'checkpoint-(\d+){re.escape(CHECKPOINT_EXT)}', path.name)
+        return int(match.group(1)) if match else -1
+
+    complete = [output_dir / f'last{CHECKPOINT_EXT}',
+                *sorted(output_dir.glob(f'checkpoint-*{CHECKPOINT_EXT}'), key=epoch_of, reverse=True)]
+    recovery = sorted(output_dir.glob(f'recovery-*{CHECKPOINT_EXT}'), key=lambda p: p.stat().st_mtime, reverse=True)
+    found: list[tuple[Path, tuple[int, int]]] = []
+    for path in [*complete, *recovery]:
+        if not path.is_file() or (path in complete and path != complete[0] and epoch_of(path) < 0):
+            continue
+        try:
+            metadata = read_checkpoint_metadata(path)
+        except (OSError, ValueError) as e:
+            _logger.warning(f'--resume auto skips {path.name}: {e}')
+            continue
+        differences = _run_differences(metadata, args) if args is not None and path in recovery else []
+        if differences:
+            _logger.warning(f"--resume auto skips {path.name}: another run's recovery file ({', '.join(differences)}).")
+            continue
+        found.append((path, _position(metadata)))
+    if not found:
+        return None
+    best = max(found, key=lambda item: item[1])  # max keeps the first of equals: last > checkpoint-N > recovery
+    for path, position in found:
+        if path != best[0]:
+            _logger.info(f'--resume auto: {path.name} (epoch {position[0]}, {position[1]} samples in) is older '
+                         f'than {best[0].name}.')
+    return best[0]
 
 
 def check_file(path: str | None, flag: str, hint: str) -> None:
@@ -137,7 +259,7 @@ def resolve_output_dir(args: argparse.Namespace) -> Path:
     """
     output_dir = Path(args.output) / args.experiment if args.experiment else Path(args.output)
     if args.resume == 'auto':
-        found = find_latest_checkpoint(output_dir) if output_dir.is_dir() else None
+        found = find_latest_checkpoint(output_dir, args) if output_dir.is_dir() else None
         args.resume = str(found) if found else ''
         if utils.is_primary(args):
             _logger.info(f"--resume auto: {found or 'no checkpoint in ' + str(output_dir) + ', starting fresh'}")

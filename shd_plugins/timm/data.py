@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from timm.data import create_dataset, create_transform
 
 from ..evaluation.top1 import input_img_mode
 from ..imagefolder import check_imagefolder
 
-__all__ = ['per_channel', 'ResumableSampler', 'build_train_loader', 'resolve_val_dir']
+__all__ = ['per_channel', 'ResumableSampler', 'SeededAugmentation', 'build_train_loader', 'resolve_val_dir']
 
 
 def per_channel(values: torch.Tensor | Sequence[float], in_chans: int | None) -> torch.Tensor:
@@ -44,9 +46,11 @@ class ResumableSampler(torch.utils.data.Sampler):
         num_replicas: World size.
         rank: This process's rank.
         seed: Base seed of the per-epoch permutations.
+        keyed: Yield ``(epoch, index)`` keys for a :class:`SeededAugmentation` dataset instead of bare indices.
     """
 
-    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, keyed: bool = False):
+        self.keyed = keyed
         self.num_samples = num_samples
         self.num_replicas = num_replicas
         self.rank = rank
@@ -70,10 +74,46 @@ class ResumableSampler(torch.utils.data.Sampler):
         generator.manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         order += order[:self.total_size - len(order)]
-        return iter(order[self.start:][self.rank::self.num_replicas])
+        order = order[self.start:][self.rank::self.num_replicas]
+        return iter([(self.epoch, i) for i in order] if self.keyed else order)
 
     def __len__(self) -> int:
         return self.samples_per_rank(self.start)
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """A dataset whose random augmentation of sample ``i`` in epoch ``e`` depends only on ``(seed, e, i)``.
+
+    timm's train transforms draw from the process-global ``random``/``torch`` generators, so the crop a sample gets
+    depends on everything drawn before it: a run resumed mid-epoch (or with another ``--workers``) would augment
+    differently from an uninterrupted one. Seeding per sample makes the augmentation a function of the key, and
+    the global generators are restored afterwards, so the model's own randomness (dropout, drop-path) is untouched.
+
+    Args:
+        dataset: The map-style dataset with its random ``transform``.
+        seed: Base seed (``--seed``).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 100_000_007 + index
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                np.random.seed(sample_seed % 2 ** 32)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def build_train_loader(
@@ -86,6 +126,8 @@ def build_train_loader(
     Reads timm ``train.py``'s flags from ``args``: ``batch_size``, ``workers``, ``pin_mem``, ``seed``, ``rank``,
     ``world_size`` and the augmentation ones (``no_aug``, ``scale``, ``ratio``, ``hflip``, ``color_jitter``, ``aa``,
     ``train_interpolation``, ``reprob``). Batches are whole (``drop_last``), so every rank takes as many steps.
+    Augmentation is seeded per sample (:class:`SeededAugmentation`) and the loader has its own generator, so a
+    resumed run sees the same augmented batches as an uninterrupted one.
 
     Raises:
         ValueError: The split holds fewer than one batch per process.
@@ -106,19 +148,21 @@ def build_train_loader(
         std=data_config['std'],
         re_prob=args.reprob,
     )
-    sampler = ResumableSampler(len(dataset), num_replicas=args.world_size, rank=args.rank, seed=args.seed)
+    sampler = ResumableSampler(
+        len(dataset), num_replicas=args.world_size, rank=args.rank, seed=args.seed, keyed=True)
     if sampler.samples_per_rank() < args.batch_size:
         raise ValueError(
             f'{train_dir} has {len(dataset)} images: fewer than one batch of {args.batch_size} per process '
             f'({args.world_size} processes). Lower --batch-size.')
     loader = torch.utils.data.DataLoader(
-        dataset,
+        SeededAugmentation(dataset, args.seed),
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.workers,
         pin_memory=args.pin_mem,
         drop_last=True,
         persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),  # creating an iterator must not draw from the global RNG
     )
     return loader, sampler
 

@@ -7,8 +7,8 @@ backpropagated. It ships logit, feature and token distillation but no attention-
 gains ``weight * L_SHD`` from an :class:`~shd_plugins.SHDDistiller` hooked on the teacher and the student. The SHD
 options are one :class:`~shd_plugins.SHDConfig`, declared and validated there, never here.
 
-A copy of timm's ``train.py`` offers ``--kd-distill-type shd`` with :func:`add_shd_args` and
-:meth:`SHDDistillationTask.from_args` (see the README).
+A copy of timm's ``train.py`` offers ``--kd-distill-type shd`` with :func:`add_shd_args`, and
+:func:`create_distillation_task` builds any of its four distillation tasks with the local teacher (see the README).
 """
 from __future__ import annotations
 
@@ -20,24 +20,87 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.models import create_model, get_model_input_config, resolve_model_input_args
-from timm.task import DistillationTeacher, LogitDistillationTask
+from timm.models import create_model, get_model_input_config, load_state_dict, resolve_model_input_args
+from timm.task import (
+    DistillationTeacher,
+    FeatureDistillationTask,
+    LogitDistillationTask,
+    TokenDistillationTask,
+    TrainingTask,
+)
 from timm.utils import unwrap_model
 
 from ..cli import ParseKwargs
 from ..config import SHDConfig
 from ..distiller import SHDDistiller
+from .checkpoint import read_checkpoint_metadata
 from .data import per_channel
 
-__all__ = ['SHDDistillationTask', 'create_distillation_teacher', 'add_shd_args', 'KD_DISTILL_TYPES']
+__all__ = [
+    'SHDDistillationTask', 'create_distillation_teacher', 'create_distillation_task', 'teacher_from_checkpoint',
+    'add_shd_args', 'KD_DISTILL_TYPES',
+]
 
 _logger = logging.getLogger(__name__)
 
 KD_DISTILL_TYPES = ('logit', 'feature', 'token', 'shd')
 
 
+def teacher_from_checkpoint(
+        path: str | os.PathLike,
+        name: str | None,
+        model_kwargs: dict[str, Any] | None,
+) -> tuple[str, dict[str, Any]]:
+    """The teacher's model name and kwargs, completed and checked against what its timm train checkpoint records.
+
+    A checkpoint written by timm's ``train.py`` (or ``recipes/train_timm.py``) carries ``arch`` and ``args``
+    (``model``, ``model_kwargs``), so the teacher can be rebuilt from the file alone. Given values must agree with
+    them: a wrong head count with equal weight shapes would otherwise load and distil the wrong attention split.
+
+    Returns:
+        ``(name, model_kwargs)``: the recorded kwargs updated with the given ones.
+
+    Raises:
+        ValueError: The file cannot be read, no name is given or recorded, or a given value disagrees with the
+            recorded one (both are named).
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if str(path).endswith('.safetensors'):
+        saved = None
+    else:
+        metadata = read_checkpoint_metadata(path)
+        saved = metadata.get('args')
+        if saved is not None and not getattr(saved, 'model', None):
+            saved = None
+    if saved is None:
+        if name is None:
+            raise ValueError(
+                f"Teacher checkpoint '{path}' records no model (not a timm train checkpoint): pass its timm model "
+                f"name (--kd-model-name) and --kd-model-kwargs.")
+        return name, model_kwargs
+    if name is not None and name != saved.model:
+        raise ValueError(f"--kd-model-name '{name}' disagrees with teacher checkpoint '{path}', trained as "
+                         f"'{saved.model}'. Drop --kd-model-name (it is read from the checkpoint) or fix it.")
+    recorded = dict(getattr(saved, 'model_kwargs', None) or {})
+    wrong = [f'{k}={v!r} (checkpoint: {recorded[k]!r})' for k, v in model_kwargs.items()
+             if k in recorded and recorded[k] != v]
+    if wrong:
+        raise ValueError(
+            f"--kd-model-kwargs {', '.join(wrong)} disagree with what teacher checkpoint '{path}' was trained with "
+            f"(model_kwargs {recorded}). Drop them (they are read from the checkpoint) or fix them.")
+    return saved.model, {**recorded, **model_kwargs}
+
+
+def _shape_mismatches(model: nn.Module, path: str) -> list[str]:
+    """``key: checkpoint shape vs model shape`` for the weights of ``path`` that do not fit ``model``."""
+    state = load_state_dict(path, use_ema=True)  # weights_only=True; train checkpoints unpacked as timm does
+    own = model.state_dict()
+    return [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+            for k, v in state.items() if k in own and own[k].shape != v.shape]
+
+
 def create_distillation_teacher(
-        model_name_or_module: str | nn.Module,
+        model_name_or_module: str | nn.Module | None,
         *,
         num_classes: int | None = None,
         in_chans: int = 3,
@@ -57,7 +120,8 @@ def create_distillation_teacher(
     wraps it in timm's ``DistillationTeacher``.
 
     Args:
-        model_name_or_module: timm model name, or a ready teacher module (wrapped as is).
+        model_name_or_module: timm model name, or a ready teacher module (wrapped as is); None to read it from
+            the ``args`` of a timm train checkpoint (:func:`teacher_from_checkpoint`, as are missing kwargs).
         num_classes: Classes of the teacher head (the student's, as timm infers).
         in_chans: Input channels (the student's).
         img_size: Input size (the student's); given to fixed-size models (ViTs) unless ``model_kwargs`` has one.
@@ -71,7 +135,8 @@ def create_distillation_teacher(
 
     Raises:
         FileNotFoundError: ``pretrained_path`` does not exist.
-        ValueError: A model name with neither ``pretrained_path`` nor ``allow_download``.
+        ValueError: A model name with neither ``pretrained_path`` nor ``allow_download``; a checkpoint that cannot
+            be read, or whose recorded architecture or weight shapes disagree with the model (both named).
     """
     if isinstance(model_name_or_module, nn.Module):
         return DistillationTeacher(model_name_or_module, device=device, dtype=dtype)
@@ -81,7 +146,11 @@ def create_distillation_teacher(
             raise FileNotFoundError(
                 f"Teacher checkpoint '{pretrained_path}' does not exist. Pass the path of a local checkpoint of "
                 f"'{name}' (--kd-checkpoint PATH: a state_dict, .safetensors or a timm train checkpoint).")
+        name, model_kwargs = teacher_from_checkpoint(pretrained_path, name, model_kwargs)
         overlay = dict(file=str(pretrained_path), num_classes=num_classes)
+    elif name is None:
+        raise ValueError('No teacher: pass its checkpoint (--kd-checkpoint PATH) and, unless that is a timm train '
+                         'checkpoint (which records its model), its timm name (--kd-model-name).')
     elif allow_download:
         overlay = {}
     else:
@@ -90,18 +159,30 @@ def create_distillation_teacher(
             f"checkpoint (--kd-checkpoint PATH, teacher_pretrained_path=...), or allow the hub download "
             f"(--kd-pretrained, teacher_allow_download=True; needs internet).")
     overlay.update(pretrained_cfg_overlay or {})
-    _logger.info(f"Creating KD teacher model '{name}' from {pretrained_path or 'pretrained hub weights'}")
-    model = create_model(**resolve_model_input_args(
-        name,
-        {'img_size': img_size, 'in_chans': in_chans},
-        pretrained=True,
-        pretrained_cfg_overlay=overlay or None,
-        num_classes=num_classes,
-        device=device,
-        dtype=dtype,
-        **(model_kwargs or {}),
-    ))
+    _logger.info(f"Creating KD teacher model '{name}' {model_kwargs or ''} from "
+                 f"{pretrained_path or 'pretrained hub weights'}")
+    model_args = resolve_model_input_args(
+        name, {'img_size': img_size, 'in_chans': in_chans}, num_classes=num_classes, device=device, dtype=dtype,
+        **(model_kwargs or {}))
+    try:
+        model = create_model(**model_args, pretrained=True, pretrained_cfg_overlay=overlay or None)
+    except (RuntimeError, ValueError) as e:
+        mismatches = _shape_mismatches(create_model(**model_args), str(pretrained_path)) if pretrained_path else []
+        if not mismatches:
+            raise
+        raise ValueError(
+            f"Teacher checkpoint '{pretrained_path}' does not fit '{name}' with kwargs {model_kwargs or {}}: "
+            f"{'; '.join(mismatches[:4])}{' ...' if len(mismatches) > 4 else ''}. Pass the --kd-model-kwargs the "
+            f"teacher was trained with (timm said: {str(e).splitlines()[0]})") from e
     return DistillationTeacher(model, device=device, dtype=dtype)
+
+
+def _teacher_for(student: nn.Module, name: str | None, **kwargs: Any) -> DistillationTeacher:
+    """:func:`create_distillation_teacher` for ``student``'s classes, input channels and input size."""
+    in_chans = getattr(student, 'in_chans', None)
+    return create_distillation_teacher(
+        name, num_classes=student.num_classes, in_chans=in_chans if in_chans is not None else 3,
+        img_size=tuple(get_model_input_config(student)['input_size'][1:]), **kwargs)
 
 
 class SHDDistillationTask(LogitDistillationTask):
@@ -121,7 +202,8 @@ class SHDDistillationTask(LogitDistillationTask):
 
     Args:
         student_model: Student ViT with N heads per distilled layer.
-        teacher_model: timm model name, module or ``DistillationTeacher`` with M >= N heads.
+        teacher_model: timm model name, module or ``DistillationTeacher`` with M >= N heads; None reads the name
+            from ``teacher_pretrained_path``, a timm train checkpoint.
         criterion: Task loss; created from ``criterion_kwargs`` when None.
         criterion_kwargs: Arguments for ``timm.loss.create_classification_loss``.
         teacher_pretrained_path: Local teacher checkpoint (required for a model name unless
@@ -154,7 +236,7 @@ class SHDDistillationTask(LogitDistillationTask):
     def __init__(
             self,
             student_model: nn.Module,
-            teacher_model: str | nn.Module | DistillationTeacher,
+            teacher_model: str | nn.Module | DistillationTeacher | None,
             criterion: nn.Module | None = None,
             criterion_kwargs: dict[str, Any] | None = None,
             teacher_pretrained_path: str | None = None,
@@ -174,19 +256,11 @@ class SHDDistillationTask(LogitDistillationTask):
     ):
         student = unwrap_model(student_model)
         in_chans = getattr(student, 'in_chans', None)
-        if isinstance(teacher_model, str):
-            teacher_model = create_distillation_teacher(
-                teacher_model,
-                num_classes=student.num_classes,
-                in_chans=in_chans if in_chans is not None else 3,
-                img_size=tuple(get_model_input_config(student)['input_size'][1:]),
-                pretrained_path=teacher_pretrained_path,
-                model_kwargs=teacher_model_kwargs,
-                pretrained_cfg_overlay=teacher_pretrained_cfg_overlay,
-                allow_download=teacher_allow_download,
-                device=device,
-                dtype=dtype,
-            )
+        if teacher_model is None or isinstance(teacher_model, str):
+            teacher_model = _teacher_for(
+                student, teacher_model, pretrained_path=teacher_pretrained_path, model_kwargs=teacher_model_kwargs,
+                pretrained_cfg_overlay=teacher_pretrained_cfg_overlay, allow_download=teacher_allow_download,
+                device=device, dtype=dtype)
         super().__init__(
             student_model,
             teacher_model,
@@ -286,6 +360,49 @@ class SHDDistillationTask(LogitDistillationTask):
         """Remove the SHD capture hooks from the teacher and the student."""
         if self.distiller is not None:
             self.distiller.remove()
+
+
+def create_distillation_task(
+        args: argparse.Namespace,
+        model: nn.Module,
+        criterion: nn.Module | None = None,
+        criterion_kwargs: dict[str, Any] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = True,
+) -> TrainingTask:
+    """Any of timm ``train.py``'s distillation tasks (``--kd-distill-type logit|feature|token|shd``), local teacher.
+
+    timm's ``train.py`` hands ``--kd-model-name`` to its tasks, which build the teacher from the hub; this builds it
+    with :func:`create_distillation_teacher` from ``--kd-checkpoint`` (alone, for a timm train checkpoint) and
+    ``--kd-model-kwargs`` (``--kd-pretrained`` allows the hub), so the four types honour the same flags. The other
+    arguments are timm's, read as ``train.py`` reads them.
+
+    Raises:
+        ValueError: An unknown ``--kd-distill-type``, or a teacher that cannot be built (the message says why).
+    """
+    distill_type = getattr(args, 'kd_distill_type', 'logit')
+    if distill_type not in KD_DISTILL_TYPES:
+        raise ValueError(f"Unknown --kd-distill-type '{distill_type}'; choose one of {', '.join(KD_DISTILL_TYPES)}.")
+    common = dict(criterion=criterion, criterion_kwargs=criterion_kwargs, device=device, dtype=dtype,
+                  verbose=verbose)
+    if distill_type == 'shd':
+        return SHDDistillationTask.from_args(args, model, **common)
+    teacher = _teacher_for(
+        unwrap_model(model), getattr(args, 'kd_model_name', None),
+        pretrained_path=getattr(args, 'kd_checkpoint', None) or None,
+        model_kwargs=getattr(args, 'kd_model_kwargs', None), allow_download=getattr(args, 'kd_pretrained', False),
+        device=device, dtype=dtype)
+    weights = dict(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight)
+    if distill_type == 'logit':
+        return LogitDistillationTask(model, teacher, loss_type=getattr(args, 'kd_loss_type', 'kl'),
+                                     temperature=args.kd_temperature, **weights, **common)
+    if distill_type == 'feature':
+        return FeatureDistillationTask(
+            model, teacher, student_feature_dim=args.kd_student_feature_dim,
+            teacher_feature_dim=args.kd_teacher_feature_dim, **weights, **common)
+    return TokenDistillationTask(model, teacher, distill_type=args.kd_token_distill_type,
+                                 temperature=args.kd_temperature, **weights, **common)
 
 
 def add_shd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

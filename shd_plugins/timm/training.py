@@ -21,19 +21,13 @@ import torch.nn as nn
 from timm import utils
 from timm.data import resolve_input_data_config
 from timm.models import create_model, resolve_model_input_args
-from timm.task import (
-    ClassificationTask,
-    FeatureDistillationTask,
-    LogitDistillationTask,
-    TokenDistillationTask,
-    TrainingTask,
-)
+from timm.task import ClassificationTask, TrainingTask
 from tqdm import tqdm
 
 from ..evaluation.top1 import build_eval_loader, evaluate_classifier, resolve_eval_data_config, resolve_split_dir
-from .checkpoint import TrainStateSaver, check_file, resolve_output_dir
+from .checkpoint import TrainStateSaver, check_file, read_checkpoint_metadata, resolve_output_dir
 from .data import build_train_loader, resolve_val_dir
-from .task import SHDDistillationTask, create_distillation_teacher
+from .task import create_distillation_task
 
 __all__ = [
     'LOSS_KEYS',
@@ -79,41 +73,13 @@ def create_task(
         data_config: dict[str, Any],
         device: torch.device,
 ) -> TrainingTask:
-    """Classification, timm's logit/feature/token distillation, or SHD, from the KD flags.
-
-    timm's own tasks get a teacher from a local checkpoint (``--kd-checkpoint``) and ``--kd-model-kwargs`` through
-    :func:`~shd_plugins.timm.create_distillation_teacher`, never a silent hub download.
+    """Classification, or (``--kd-model-name`` or ``--kd-checkpoint`` given) timm's logit/feature/token distillation
+    or SHD through :func:`~shd_plugins.timm.create_distillation_task`: a local teacher, never a silent download.
     """
     common = dict(criterion_kwargs=dict(smoothing=args.smoothing), device=device, verbose=utils.is_primary(args))
-    if args.kd_model_name is None:
+    if args.kd_model_name is None and not args.kd_checkpoint:
         return ClassificationTask(model, **common).to(device)
-    if args.kd_distill_type == 'shd':
-        return SHDDistillationTask.from_args(args, model, **common).to(device)
-    teacher = create_distillation_teacher(
-        args.kd_model_name,
-        num_classes=model.num_classes,
-        in_chans=data_config['input_size'][0],
-        img_size=tuple(data_config['input_size'][1:]),
-        pretrained_path=args.kd_checkpoint,
-        model_kwargs=args.kd_model_kwargs,
-        allow_download=args.kd_pretrained,
-        device=device,
-    )
-    weights = dict(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight)
-    if args.kd_distill_type == 'logit':
-        task = LogitDistillationTask(
-            model, teacher, loss_type=args.kd_loss_type, temperature=args.kd_temperature, **weights, **common)
-    elif args.kd_distill_type == 'feature':
-        task = FeatureDistillationTask(
-            model, teacher, student_feature_dim=args.kd_student_feature_dim,
-            teacher_feature_dim=args.kd_teacher_feature_dim, **weights, **common)
-    elif args.kd_distill_type == 'token':
-        task = TokenDistillationTask(
-            model, teacher, distill_type=args.kd_token_distill_type, temperature=args.kd_temperature,
-            **weights, **common)
-    else:
-        raise ValueError(f"Unknown --kd-distill-type '{args.kd_distill_type}'; choose logit, feature, token or shd.")
-    return task.to(device)
+    return create_distillation_task(args, model, **common).to(device)
 
 
 def resolve_amp(args: argparse.Namespace, device: torch.device) -> tuple[Callable, Any]:
@@ -171,6 +137,7 @@ def setup_training(args: argparse.Namespace) -> dict[str, Any]:
                'pass the path of the local teacher weights (state_dict, .safetensors or timm train checkpoint).')
     if args.resume and args.resume != 'auto':
         check_file(args.resume, '--resume', "pass an existing checkpoint, or 'auto' for the latest in --output.")
+        read_checkpoint_metadata(args.resume)  # a truncated file fails here, named, before any model is built
     train_dir = resolve_split_dir(args.data_dir, args.train_split)
     val_dir = resolve_val_dir(args.data_dir, args.val_split)
     output_dir = resolve_output_dir(args)
