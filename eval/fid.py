@@ -15,7 +15,10 @@ Score existing samples (an image folder or an ADM `.npz`) on a small dataset wit
         --output_dir runs/digits-dit/fid
 
 `--output_dir` receives `samples.npz` (`arr_0`, uint8 NHWC: ADM's evaluator reads it), `samples_grid.png` and
-`fid_results.json` (metrics, the tool and its version, the feature extractor, every setting). Under
+`fid_results.json` (metrics, the tool and its version, the feature extractor, every setting). Before any sample is
+generated, the Inception weights are verified (a file whose pickle would run code is refused) and the whole reference
+is checked against what will be scored: `.npz` dtypes and shapes, image size against the model's output (or the
+samples'), precomputed statistics' width against the feature extractor's. Under
 `accelerate launch` the generation is split across processes; metrics run on the main process only.
 """
 from __future__ import annotations
@@ -35,12 +38,13 @@ from accelerate import Accelerator
 from torch_fidelity.defaults import DEFAULTS
 
 from shd_plugins.cli import ParseKwargs, user_errors
-from shd_plugins.diffusers import SCHEDULERS, generate_samples, load_dit_components, rank_seed
+from shd_plugins.diffusers import SCHEDULERS, DiTComponents, generate_samples, load_dit_components, rank_seed
 from shd_plugins.evaluation import (
     INCEPTION,
     METRICS,
     check_reference,
     compute_metrics,
+    feature_size,
     load_images,
     register_timm_feature_extractor,
     resolve_inception_weights,
@@ -83,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument('--feature_extractor', choices=('inception', 'timm'), default='inception',
                      help="inception: torch-fidelity's inception-v3-compat; timm: a classifier checkpoint")
     ref.add_argument('--inception_weights', metavar='PATH',
-                     help='weights-inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/)')
-    ref.add_argument('--allow_download', action='store_true', help='let torch-fidelity download missing weights')
+                     help='weights-inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/); read '
+                          'with weights_only=True and checked (keys, shapes, published hash), never unpickled')
+    ref.add_argument('--allow_download', action='store_true',
+                     help='download missing Inception weights (torch.hub, checked against the published hash)')
 
     fe = parser.add_argument_group('timm feature extractor (with --feature_extractor timm)')
     fe.add_argument('--fe_model_name', help='timm model name, e.g. vit_tiny_patch16_224')
@@ -116,7 +122,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def resolve_feature_extractor(args: argparse.Namespace) -> str:
-    """The torch-fidelity extractor name; checks weights before any sampling so failures come early."""
+    """The torch-fidelity extractor name; verifies the Inception weights before any sampling, so failures (a missing
+    file, one whose pickle would run code) come early."""
     if args.feature_extractor == 'inception':
         if args.reference:
             resolve_inception_weights(args.inception_weights, allow_download=args.allow_download)
@@ -136,8 +143,9 @@ def resolve_feature_extractor(args: argparse.Namespace) -> str:
     return name
 
 
-def generate(args: argparse.Namespace, accelerator: Accelerator) -> tuple[np.ndarray, dict[str, Any]]:
-    components = load_dit_components(args.model_path, vae_path=args.vae_path, dtype=DTYPES[args.dtype])
+def generate(
+    args: argparse.Namespace, accelerator: Accelerator, components: DiTComponents
+) -> tuple[np.ndarray, dict[str, Any]]:
     start = time.perf_counter()
     images = generate_samples(
         components,
@@ -170,16 +178,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1
     accelerator = Accelerator(cpu=multi_cpu)
     feature_extractor = resolve_feature_extractor(args)
-    if args.reference:  # fail on an unreadable reference before hours of sampling
-        check_reference(args.reference)
-
-    generation = None
+    components, images = None, None
     if args.model_path:
-        images, generation = generate(args, accelerator)
+        components = load_dit_components(args.model_path, vae_path=args.vae_path, dtype=DTYPES[args.dtype])
     elif accelerator.is_main_process:
         images = load_images(args.samples)
         if len(images) == 0:
             raise ValueError(f'--samples {args.samples} holds no images.')
+    if args.reference and (components is not None or images is not None):
+        # The whole reference against what will be scored (sizes, dtypes, statistics' width), before any sampling.
+        size = (components.image_size,) * 2 if components is not None else images.shape[1:3]
+        check_reference(args.reference, image_size=size, feature_dim=feature_size(feature_extractor))
+
+    generation = None
+    if components is not None:
+        images, generation = generate(args, accelerator, components)
     if not accelerator.is_main_process:  # its share is gathered; scoring runs on the main process alone
         return None
 

@@ -9,8 +9,10 @@ Example (the embedded digits data, a tiny 1-channel ViT trained by a recipe)::
         --data-dir data/digits --split val --results-file runs/student/top1.json
 
 The machines this runs on are offline, so weights come from ``--checkpoint`` (a state_dict file or a timm
-train checkpoint dict); ``--pretrained`` (hub download) is never implied. Results are printed as JSON
-after a ``--result`` line, as ``validate.py`` does, and written to ``--results-file`` if given.
+train checkpoint dict); ``--pretrained`` (hub download) is never implied. A timm train checkpoint records the
+``args`` it was trained with: a model built here with other head counts (equal weight shapes, so timm would load it
+without a word) is refused, naming both; an unreadable checkpoint is an error naming the file. Results are printed
+as JSON after a ``--result`` line, as ``validate.py`` does, and written to ``--results-file`` if given.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import timm
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from tiny_models import tiny_dit
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from shd_plugins.evaluation import (
@@ -23,6 +24,7 @@ from shd_plugins.evaluation import (
     compute_metrics,
     default_inception_weights_path,
     extract_features,
+    frechet_distance,
     load_images,
     load_reference,
     register_timm_feature_extractor,
@@ -124,13 +126,13 @@ def test_reference_as_precomputed_statistics(tmp_path, timm_extractor, low_digit
     )
     assert {'kernel_inception_distance_mean', 'precision', 'recall'} <= set(full['metrics'])
 
-    (tmp_path / 'inception.pth').write_bytes(b'')  # only checked for presence before the mismatch is found
+    (tmp_path / 'inception.pth').write_bytes(b'')  # never read: the mismatch is found first
     with pytest.raises(ValueError, match='were made with'):
         compute_metrics(low_digits, stats_npz, inception_weights=tmp_path / 'inception.pth', verbose=False)
 
     wrong = tmp_path / 'wrong_dim.npz'
     np.savez(wrong, mu=np.zeros(7), sigma=np.eye(7))
-    with pytest.raises(ValueError, match='feature sizes'):
+    with pytest.raises(ValueError, match='statistics of 7 features, but the feature extractor gives 32'):
         compute_metrics(low_digits, wrong, feature_extractor=timm_extractor, isc=False, verbose=False)
 
 
@@ -178,16 +180,20 @@ def test_missing_inception_weights_offline(tmp_path, monkeypatch, low_digits):
     assert not expected.exists()  # nothing was downloaded
     with pytest.raises(MissingInceptionWeightsError, match='nope.pth'):
         resolve_inception_weights(tmp_path / 'nope.pth')
-    assert resolve_inception_weights(allow_download=True) is None
+    with pytest.raises(MissingInceptionWeightsError, match='Could not download'):  # offline: torch.hub's download
+        resolve_inception_weights(allow_download=True)
+    assert not expected.exists()  # no partial file left where the cache is looked up
 
-    expected.parent.mkdir(parents=True)
-    expected.write_bytes(b'')  # only its presence is checked here
-    assert resolve_inception_weights() == str(expected)
+    expected.write_bytes(b'')  # present, but no weights: refused, naming it (tests/test_eval_safety.py has more)
+    with pytest.raises(ValueError, match=str(expected)):
+        resolve_inception_weights()
 
 
 def test_feature_stats_validation():
     with pytest.raises(ValueError, match='sigma'):
         FeatureStats(np.zeros(3), np.eye(4))
+    with pytest.raises(ValueError, match=r'different feature sizes \(3 vs 4\)'):
+        frechet_distance(FeatureStats(np.zeros(3), np.eye(3)), FeatureStats(np.zeros(4), np.eye(4)))
 
 
 def _run_fid_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -245,15 +251,10 @@ def test_cli_scores_samples_with_timm_extractor(tmp_path, timm_extractor, low_di
 
 
 def test_cli_generates_from_a_trained_folder(tmp_path, timm_extractor, high_digits):
-    from diffusers import DiTTransformer2DModel
-
     model_dir = tmp_path / 'model'
-    DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=1, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8,
-    ).save_pretrained(model_dir / 'transformer')
+    tiny_dit(num_heads=2, num_layers=1, in_channels=1, learn_sigma=True).save_pretrained(model_dir / 'transformer')
     (model_dir / 'sample_config.json').write_text(json.dumps({'num_classes': 10, 'pixel_space': True}))
-    reference = save_npz(high_digits, tmp_path / 'ref.npz')
+    reference = save_npz(high_digits[:, ::2, ::2], tmp_path / 'ref.npz')  # 8x8, the model's output size
     checkpoint = FEATURE_EXTRACTORS_REGISTRY[timm_extractor].timm_config['checkpoint']
     proc = _run_fid_cli(
         '--model_path', str(model_dir), '--num_samples', '12', '--batch_size', '5', '--num_inference_steps', '2',

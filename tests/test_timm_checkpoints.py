@@ -192,6 +192,21 @@ def test_teacher_kwargs_that_disagree_with_the_checkpoint_name_both(tmp_path):
         create_distillation_teacher('deit_tiny_patch16_224', num_classes=10, in_chans=1, pretrained_path=path)
 
 
+def test_a_head_count_the_checkpoint_left_at_the_default_is_compared_too(tmp_path):
+    """The checkpoint's args do not name num_heads (the architecture's default, 3): 6 heads must not load silently."""
+    torch.manual_seed(2)
+    model_kwargs = dict(patch_size=8, embed_dim=48, depth=2)
+    teacher = timm.create_model(MODEL, num_classes=10, in_chans=1, img_size=32, **model_kwargs)
+    args = argparse.Namespace(model=MODEL, model_kwargs=model_kwargs, num_classes=10, in_chans=1, img_size=32)
+    path = tmp_path / 'teacher.pth.tar'
+    torch.save({'epoch': 3, 'arch': MODEL, 'args': args, 'state_dict': teacher.state_dict(), 'version': 2}, path)
+    with pytest.raises(ValueError, match=r'trained as .* \(3 attention heads per layer.*has 6 heads per layer'):
+        create_distillation_teacher(MODEL, num_classes=10, in_chans=1, img_size=(32, 32), pretrained_path=path,
+                                    model_kwargs={**model_kwargs, 'num_heads': 6})
+    assert create_distillation_teacher(None, num_classes=10, in_chans=1, img_size=(32, 32),
+                                       pretrained_path=path).model.blocks[0].attn.num_heads == 3
+
+
 def test_state_dict_teacher_with_wrong_kwargs_names_the_shapes(tmp_path):
     """Issue 12.6: a plain state_dict and a wrong --kd-model-kwargs failed blaming ``input_size[0]=3``."""
     path = tmp_path / 'teacher.pth'

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from torch_fidelity.utils import DEFAULT_FEATURE_EXTRACTOR, create_feature_extra
 from ..timm.data import per_channel
 from .images import as_image_dataset
 from .top1 import create_eval_model
+from .weights import INCEPTION_FILE_NAME, INCEPTION_SHA256_PREFIX, trusted_inception_copy, verified_inception_state_dict
 
 __all__ = [
     'INCEPTION',
@@ -38,10 +38,10 @@ __all__ = [
     'TimmFeatureExtractor',
     'default_feature_layer',
     'default_inception_weights_path',
-    'describe_feature_extractor',
     'extract_features',
     'extract_with',
     'feature_extractor_kwargs',
+    'feature_size',
     'register_timm_feature_extractor',
     'resolve_cuda',
     'resolve_inception_weights',
@@ -60,34 +60,50 @@ class MissingInceptionWeightsError(FileNotFoundError):
 
 def default_inception_weights_path() -> Path:
     """Where torch-fidelity's download lands and is looked up: `$TORCH_HOME/hub/checkpoints/<file>`."""
-    return Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(urlparse(URL_INCEPTION_V3).path)
+    return Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_FILE_NAME
 
 
-def resolve_inception_weights(weights_path: str | Path | None = None, *, allow_download: bool = False) -> str | None:
-    """The Inception weights file to hand torch-fidelity, checked before it would try to download.
+def resolve_inception_weights(weights_path: str | Path | None = None, *, allow_download: bool = False) -> str:
+    """The Inception weights file to use, verified before any sampling (see `verified_inception_state_dict`).
+
+    torch-fidelity itself would download with `torch.load(weights_only=False)` and no hash check; here the download
+    (when allowed) goes through `torch.hub.download_url_to_file` with the published SHA-256 prefix, and every file,
+    given or cached, is read with `weights_only=True` and checked against the Inception architecture.
 
     Args:
         weights_path: Explicit weights file (`--inception_weights`).
-        allow_download: Return `None` (torch-fidelity downloads) instead of failing when nothing is cached.
+        allow_download: Download the published file into the torch hub cache when nothing is cached.
 
     Raises:
-        MissingInceptionWeightsError: Neither the given file nor the cached one exists.
+        MissingInceptionWeightsError: Neither the given file nor the cached one exists, and no download allowed.
+        UntrustedWeightsError: The file's pickle would run code, or it is named as the published file but its
+            SHA-256 differs (both hashes named).
+        ValueError: A truncated file or a state dict of another architecture.
     """
     if weights_path is not None:
         if not Path(weights_path).is_file():
             raise MissingInceptionWeightsError(f'Inception weights file {weights_path} does not exist.')
-        return str(weights_path)
-    cached = default_inception_weights_path()
-    if cached.is_file():
-        return str(cached)
-    if allow_download:
-        return None
-    raise MissingInceptionWeightsError(
-        f"torch-fidelity's Inception-v3 weights '{cached.name}' were not found at {cached}. Offline, download "
-        f"{URL_INCEPTION_V3} on a connected machine and either copy it to {cached.parent}/ "
-        f"($TORCH_HOME/hub/checkpoints/) or pass its path with --inception_weights PATH "
-        f"(inception_weights=... in Python)."
-    )
+        path = Path(weights_path)
+    else:
+        path = default_inception_weights_path()
+        if not path.is_file():
+            if not allow_download:
+                raise MissingInceptionWeightsError(
+                    f"torch-fidelity's Inception-v3 weights '{path.name}' were not found at {path}. Offline, download "
+                    f"{URL_INCEPTION_V3} on a connected machine and either copy it to {path.parent}/ "
+                    f"($TORCH_HOME/hub/checkpoints/) or pass its path with --inception_weights PATH "
+                    f"(inception_weights=... in Python)."
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # torch.hub writes a temporary file and moves it into place only once its hash matches
+                torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), hash_prefix=INCEPTION_SHA256_PREFIX)
+            except (OSError, RuntimeError) as e:  # URLError is an OSError; a wrong hash a RuntimeError
+                raise MissingInceptionWeightsError(
+                    f'Could not download {URL_INCEPTION_V3} to {path} ({e}); download it on a connected machine '
+                    f'and pass it with --inception_weights PATH.'
+                ) from e
+    verified_inception_state_dict(path)
+    return str(path)
 
 
 # A timm classifier as a torch-fidelity feature extractor
@@ -243,24 +259,36 @@ def register_timm_feature_extractor(
 # Features
 
 
+@contextmanager
 def feature_extractor_kwargs(
     feature_extractor: str, inception_weights: str | Path | None, allow_download: bool
-) -> dict[str, Any]:
-    """torch-fidelity kwargs for a registered extractor: Inception gets its checked local weights file.
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """torch-fidelity kwargs for a registered extractor, and its JSON-ready provenance, while the block runs.
+
+    Inception gets a private copy of its verified weights (`trusted_inception_copy`), removed when the block ends:
+    torch-fidelity unpickles that copy with `weights_only=False`, never the user's file.
+
+    Yields:
+        `(kwargs, description)`: kwargs for torch-fidelity; description for the results (the weights file and its
+        SHA-256, or the timm settings).
 
     Raises:
         ValueError: `feature_extractor` is not in torch-fidelity's registry.
-        MissingInceptionWeightsError: Inception weights are neither given nor cached, and no download allowed.
+        MissingInceptionWeightsError, UntrustedWeightsError: See `resolve_inception_weights`.
     """
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
         raise ValueError(
             f'Feature extractor {feature_extractor!r} is not registered with torch-fidelity (known: '
             f'{sorted(FEATURE_EXTRACTORS_REGISTRY)}); register a timm classifier with register_timm_feature_extractor.'
         )
-    if feature_extractor == INCEPTION:
-        weights = resolve_inception_weights(inception_weights, allow_download=allow_download)
-        return {'feature_extractor_weights_path': weights}
-    return {}
+    cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+    if feature_extractor != INCEPTION:
+        description = {'kind': 'timm', **cls.timm_config} if issubclass(cls, TimmFeatureExtractor) else {}
+        yield {}, description or {'kind': feature_extractor}
+        return
+    weights = resolve_inception_weights(inception_weights, allow_download=allow_download)
+    with trusted_inception_copy(weights) as (copy, sha256):
+        yield {'feature_extractor_weights_path': copy}, {'kind': 'inception', 'weights': weights, 'sha256': sha256}
 
 
 def default_feature_layer(feature_extractor: str, metric: str) -> str | None:
@@ -273,6 +301,24 @@ def default_feature_layer(feature_extractor: str, metric: str) -> str | None:
     if metric == 'isc' and (layer is None or 'logits' not in str(layer)):
         return None
     return layer
+
+
+def feature_size(feature_extractor: str) -> int | None:
+    """Width of the extractor's FID features, to check precomputed statistics before any sampling.
+
+    Inception's layers are named by their width (`'2048'`); a timm classifier is built once and run on its dummy
+    input (a model build and one tiny forward). Other torch-fidelity extractors would download weights to be
+    built: `None`, the width is checked after extraction instead.
+    """
+    layer = default_feature_layer(feature_extractor, 'fid')
+    if str(layer).isdigit():
+        return int(layer)
+    cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+    if not issubclass(cls, TimmFeatureExtractor):
+        return None
+    extractor = cls(feature_extractor, [layer])
+    with torch.inference_mode():
+        return int(extractor(cls.get_dummy_input_for_compile())[0].shape[-1])
 
 
 def resolve_cuda(cuda: bool | None) -> bool:
@@ -303,20 +349,9 @@ def extract_features(
     Args:
         layers: Feature layers; default the extractor's FID layer.
     """
-    kwargs = feature_extractor_kwargs(feature_extractor, inception_weights, allow_download)
     layers = list(layers or [default_feature_layer(feature_extractor, 'fid')])
     cuda = resolve_cuda(cuda)
-    extractor = create_feature_extractor(feature_extractor, layers, cuda=cuda, verbose=verbose, **kwargs)
+    with feature_extractor_kwargs(feature_extractor, inception_weights, allow_download) as (kwargs, _):
+        extractor = create_feature_extractor(feature_extractor, layers, cuda=cuda, verbose=verbose, **kwargs)
     features = extract_with(as_image_dataset(images), extractor, batch_size, cuda, verbose)
     return {k: v.numpy() for k, v in features.items()}
-
-
-def describe_feature_extractor(feature_extractor: str, extractor_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready provenance of an extractor: the timm settings, or the Inception weights used."""
-    cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
-    if issubclass(cls, TimmFeatureExtractor):
-        return {'kind': 'timm', **cls.timm_config}
-    if feature_extractor == INCEPTION:
-        weights = extractor_kwargs.get('feature_extractor_weights_path') or URL_INCEPTION_V3
-        return {'kind': 'inception', 'weights': weights}
-    return {'kind': feature_extractor}

@@ -25,8 +25,11 @@ __all__ = [
     'as_image_dataset',
     'check_uint8_nhwc',
     'folder_dataset',
+    'folder_image_size',
+    'image_size',
     'images_from_npz',
     'load_images',
+    'npz_member_header',
     'read_npz',
     'save_image_grid',
     'save_npz',
@@ -102,6 +105,35 @@ def _check_one_size(sizes: set[tuple[int, ...]], folder: Path) -> None:
         raise ValueError(f'Images under {folder} differ in size ({sorted(sizes)[:3]}...); resize them to one size.')
 
 
+def folder_image_size(folder: Path) -> tuple[list[Path], tuple[int, int]]:
+    """The image files under `folder` and their one `(height, width)`, from the headers (no pixel decoded)."""
+    files = _image_files_or_raise(folder)
+    sizes = set()
+    for f in files:
+        with Image.open(f) as im:
+            sizes.add(im.size)
+    _check_one_size(sizes, folder)
+    width, height = sizes.pop()
+    return files, (height, width)
+
+
+def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one `.npz` member from its header: a 2 GB reference batch is not read to check it."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f'{key}.npy') as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = reader(f)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f'Could not read the header of `{key}` in {path} ({e}).') from e
+    return tuple(shape), np.dtype(dtype)
+
+
+def image_size(dataset: Dataset) -> tuple[int, int]:
+    """`(height, width)` of a dataset's first uint8 CHW image (the datasets here hold one size)."""
+    return tuple(dataset[0].shape[-2:])
+
+
 def load_images(path: str | Path) -> np.ndarray:
     """Loads an image folder (recursive) or an `.npz` (`arr_0`) as uint8 NHWC (folders come back as RGB)."""
     path = Path(path)
@@ -137,12 +169,7 @@ class ImageArrayDataset(Dataset):
 
 def folder_dataset(folder: Path) -> Dataset:
     """Lazily read image folder (torch-fidelity's own reader); sizes are checked from headers up front."""
-    files = _image_files_or_raise(folder)
-    sizes = set()
-    for f in files:
-        with Image.open(f) as im:
-            sizes.add(im.size)
-    _check_one_size(sizes, folder)
+    files, _ = folder_image_size(folder)
     return ImagesPathDataset([str(f) for f in files])
 
 

@@ -23,13 +23,13 @@ from torch_fidelity.utils import create_feature_extractor
 from .extractors import (
     INCEPTION,
     default_feature_layer,
-    describe_feature_extractor,
     extract_with,
     feature_extractor_kwargs,
+    feature_size,
     resolve_cuda,
 )
-from .images import as_image_dataset
-from .references import Reference, load_reference
+from .images import as_image_dataset, image_size
+from .references import Reference, check_image_sizes, check_stats_width, load_reference
 from .stats import feature_stats, frechet_distance
 
 __all__ = ['METRICS', 'compute_metrics']
@@ -112,7 +112,6 @@ def compute_metrics(
     requested = {'isc': isc, 'fid': fid, 'kid': kid, 'prc': prc}
     if not any(requested.values()):
         raise ValueError('No metric requested; set at least one of fid, isc, kid, prc.')
-    extractor_kwargs = feature_extractor_kwargs(feature_extractor, inception_weights, allow_download)
     samples_ds = as_image_dataset(samples, 'sample')
     ref = load_reference(reference, need_images=kid or prc)
     if ref.images is not None and len(ref.images) == 0:
@@ -122,6 +121,10 @@ def compute_metrics(
             f'Reference statistics {ref.source} were made with {ref.stats_feature_extractor!r}, not '
             f'{feature_extractor!r}; recompute them with save_reference_stats or pick that extractor.'
         )
+    if ref.images is not None:
+        check_image_sizes(image_size(samples_ds), image_size(ref.images), ref.source)
+    if ref.stats is not None and fid:  # before minutes of feature extraction
+        check_stats_width(len(ref.stats.mu), feature_size(feature_extractor), ref.source)
     plan = _plan(feature_extractor, requested, len(samples_ds), ref, prc_neighborhood)
     sizes = [len(samples_ds)] + ([ref.num_images] if ref.images is not None else [])
     settings = {
@@ -132,28 +135,15 @@ def compute_metrics(
         'prc_neighborhood': prc_neighborhood,
         'rng_seed': rng_seed,
     }
-    fidelity_kwargs = dict(cuda=resolve_cuda(cuda), verbose=verbose, cache=False, save_cpu_ram=True, **settings,
-                           **extractor_kwargs)
-
-    if not plan.layers:
-        metrics: dict[str, float] = {}
-    elif ref.stats is None:
-        metrics = torch_fidelity.calculate_metrics(
-            input1=samples_ds,
-            input2=ref.images,
-            feature_extractor=feature_extractor,
-            **{m: m in plan.layers for m in METRICS},
-            **{f'feature_layer_{m}': layer for m, layer in plan.layers.items()},
-            **fidelity_kwargs,
-        )
-    else:
-        metrics = _metrics_against_stats(samples_ds, ref, feature_extractor, plan, fidelity_kwargs)
+    fidelity_kwargs = dict(cuda=resolve_cuda(cuda), verbose=verbose, cache=False, save_cpu_ram=True, **settings)
+    with feature_extractor_kwargs(feature_extractor, inception_weights, allow_download) as (extractor_kwargs, about):
+        metrics = _run(samples_ds, ref, feature_extractor, plan, {**fidelity_kwargs, **extractor_kwargs})
 
     return {
         'tool': 'torch-fidelity',
         'tool_version': torch_fidelity.__version__,
         'feature_extractor': feature_extractor,
-        'feature_extractor_config': describe_feature_extractor(feature_extractor, extractor_kwargs),
+        'feature_extractor_config': about,
         'feature_layers': plan.layers,
         'num_samples': len(samples_ds),
         'num_reference': ref.num_images,
@@ -166,6 +156,22 @@ def compute_metrics(
         'skipped': plan.skipped,
         'settings': settings,
     }
+
+
+def _run(samples: Dataset, ref: Reference, feature_extractor: str, plan: _Plan, kwargs: dict[str, Any]) -> dict:
+    """torch-fidelity's metrics: `calculate_metrics` on both image sets, or per metric against `ref.stats`."""
+    if not plan.layers:
+        return {}
+    if ref.stats is None:
+        return torch_fidelity.calculate_metrics(
+            input1=samples,
+            input2=ref.images,
+            feature_extractor=feature_extractor,
+            **{m: m in plan.layers for m in METRICS},
+            **{f'feature_layer_{m}': layer for m, layer in plan.layers.items()},
+            **kwargs,
+        )
+    return _metrics_against_stats(samples, ref, feature_extractor, plan, kwargs)
 
 
 def _metrics_against_stats(

@@ -7,6 +7,9 @@ numbers timm's ``validate.py`` prints for the same model and data.
 """
 from __future__ import annotations
 
+import logging
+import pickle
+import zipfile
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,6 +23,7 @@ from timm.utils import AverageMeter, accuracy
 from tqdm import tqdm
 
 from ..imagefolder import check_imagefolder
+from .checkpoints import check_checkpoint_args
 
 __all__ = [
     'check_weights_source',
@@ -30,6 +34,8 @@ __all__ = [
     'build_eval_loader',
     'evaluate_classifier',
 ]
+
+_logger = logging.getLogger(__name__)
 
 
 def check_weights_source(checkpoint: str | Path | None, pretrained: bool = False) -> None:
@@ -69,7 +75,8 @@ def create_eval_model(
     settings stay the defaults and only explicit requests change them.
 
     Raises:
-        FileNotFoundError, ValueError: See ``check_weights_source``.
+        FileNotFoundError, ValueError: See ``check_weights_source``; ``check_checkpoint_args`` (head counts that
+            differ from the ones the checkpoint records); a checkpoint that cannot be read or loaded (named).
     """
     check_weights_source(checkpoint, pretrained)
     model = create_model(
@@ -82,7 +89,11 @@ def create_eval_model(
         )
     )
     if checkpoint:
-        load_checkpoint(model, str(checkpoint), use_ema=use_ema)
+        check_checkpoint_args(checkpoint, model, model_name)
+        try:
+            load_checkpoint(model, str(checkpoint), use_ema=use_ema)
+        except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            raise ValueError(f'Could not load checkpoint {checkpoint} into {model_name!r}: {e}') from e
     return model
 
 

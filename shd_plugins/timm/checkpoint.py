@@ -20,7 +20,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from timm import utils
-from timm.utils import CheckpointSaver, load_checkpoint_metadata
+from timm.utils import CheckpointSaver
+
+from ..evaluation.checkpoints import read_checkpoint_metadata
 
 __all__ = [
     'CHECKPOINT_EXT',
@@ -147,29 +149,6 @@ def restore_rng_state(metadata: dict[str, Any]) -> bool:
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state['cuda'])
     return True
-
-
-def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's entries (timm's ``load_checkpoint_metadata``: ``weights_only=True``, tensors memory-mapped).
-
-    Raises:
-        FileNotFoundError: No file at ``path``.
-        ValueError: The file is truncated, empty or not a PyTorch checkpoint dict; the message names it (torch
-            alone says ``failed finding central directory`` or ``[Errno 22] Invalid argument``, without the path).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
-    try:
-        metadata = load_checkpoint_metadata(str(path))
-    except Exception as e:
-        raise ValueError(
-            f"Checkpoint '{path}' ({os.path.getsize(path)} bytes) cannot be read: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else 'no detail'}. It is truncated or corrupt (an interrupted save "
-            f"or copy) or not a PyTorch checkpoint: pass another one (--resume auto falls back to the previous "
-            f"checkpoint of the run).") from e
-    if not isinstance(metadata, dict):
-        raise ValueError(f"Checkpoint '{path}' holds a {type(metadata).__name__}, not a checkpoint dict.")
-    return metadata
 
 
 def checkpoint_step(path: str | Path) -> int:

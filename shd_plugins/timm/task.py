@@ -33,7 +33,7 @@ from timm.utils import unwrap_model
 from ..cli import ParseKwargs
 from ..config import SHDConfig
 from ..distiller import SHDDistiller
-from .checkpoint import read_checkpoint_metadata
+from ..evaluation.checkpoints import check_checkpoint_args, read_checkpoint_metadata
 from .data import per_channel
 
 __all__ = [
@@ -174,6 +174,8 @@ def create_distillation_teacher(
             f"Teacher checkpoint '{pretrained_path}' does not fit '{name}' with kwargs {model_kwargs or {}}: "
             f"{'; '.join(mismatches[:4])}{' ...' if len(mismatches) > 4 else ''}. Pass the --kd-model-kwargs the "
             f"teacher was trained with (timm said: {str(e).splitlines()[0]})") from e
+    if pretrained_path:  # equal weight shapes load silently: compare head counts, defaults included
+        check_checkpoint_args(pretrained_path, model, name)
     return DistillationTeacher(model, device=device, dtype=dtype)
 
 
