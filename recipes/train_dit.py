@@ -27,6 +27,14 @@ object per optimisation step: the loss terms, `shd_loss` unweighted as timm's `k
 losses / merge weights). A user error (a wrong path, flag or model config) ends the script with
 `train_dit.py: error: <message>` and exit status 2.
 
+Checkpoints and resume (`shd_plugins.diffusers.checkpoints`): a checkpoint is written to `checkpoint-<step>.partial`
+and renamed into place once complete (its `checkpoint.json` lists every file's size); older ones are pruned after.
+`--resume_from_checkpoint latest` takes the newest complete checkpoint of the run in `run.json`, logging what it
+skipped and why. A resumed run is bit-identical on CPU to an uninterrupted one: augmentations are seeded per
+(seed, epoch, sample) and the loader never moves the RNG that draws noise, timesteps and label dropout. An
+`--output_dir` holding another run (a model or checkpoints) is refused without `--resume_from_checkpoint` or
+`--overwrite_output_dir`.
+
 Example (the digits setting of the demo, CPU):
 
     accelerate launch --num_processes 1 --cpu recipes/train_dit.py \
@@ -46,10 +54,11 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -63,7 +72,9 @@ from shd_plugins import SHDConfig
 from shd_plugins.cli import user_errors
 from shd_plugins.diffusers import (
     DiTDistillationObjective,
+    check_output_dir,
     check_student_matches_data,
+    commit_checkpoint,
     default_dit_scheduler,
     find_checkpoint,
     initialize_dit_weights,
@@ -72,8 +83,12 @@ from shd_plugins.diffusers import (
     load_vae,
     prune_checkpoints,
     read_model_config,
+    read_run_id,
+    run_contents,
     sample_class_conditional,
     save_model_folder,
+    staging_dir,
+    start_run,
     write_sample_config,
 )
 from shd_plugins.diffusers.models import check_local_path
@@ -124,6 +139,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
              'guidance (DiT: 0.1).')
     # Training
     parser.add_argument('--output_dir', type=str, default='dit-shd')
+    parser.add_argument(
+        '--overwrite_output_dir', action='store_true',
+        help='Start a new run in an --output_dir that holds another run (a trained model or checkpoints); without it '
+             'such a folder is refused unless --resume_from_checkpoint continues that run.')
     parser.add_argument('--seed', type=int, default=None)
     parser.add_argument('--train_batch_size', type=int, default=16, help='Batch size per device.')
     parser.add_argument('--num_train_epochs', type=int, default=100)
@@ -156,8 +175,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--checkpointing_steps', type=int, default=500,
                         help='Save the training state (resumable with --resume_from_checkpoint) every X steps.')
     parser.add_argument('--checkpoints_total_limit', type=int, default=None, help='Keep at most this many.')
-    parser.add_argument('--resume_from_checkpoint', type=str, default=None,
-                        help='A checkpoint-<step> folder, or "latest" for the newest one in --output_dir.')
+    parser.add_argument(
+        '--resume_from_checkpoint', type=str, default=None,
+        help='A checkpoint folder (a name in --output_dir or a path), or "latest" for the newest complete checkpoint '
+             'of the run in --output_dir (incomplete or truncated ones are skipped, with the reason logged).')
     parser.add_argument(
         '--sample_variance_type', type=str, default='fixed_small', choices=['fixed_small', 'learned_range'],
         help="variance_type of the saved DDPMScheduler. 'learned_range' samples with a learned-sigma model's "
@@ -203,6 +224,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.')
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f'--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.')
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.report_to is None:
         args.report_to = 'tensorboard' if is_tensorboard_available() else 'none'
 
@@ -242,6 +264,45 @@ def build_dataset(args: argparse.Namespace, image_channels: int) -> datasets.Ima
         dataset.targets = [s[1] for s in dataset.samples]
         dataset.imgs = dataset.samples
     return dataset
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Random augmentations seeded by (seed, epoch, index), on a forked RNG.
+
+    A resumed run must see the same augmented images as an uninterrupted one. Drawn from the global RNG, they would
+    depend on when each batch is fetched (the loader reads one batch ahead, so the checkpointed RNG state already
+    includes the next batch's draws) and would move the RNG that draws the noise, timesteps and label dropout.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~0.5 ms (every backend)
+            return self.dataset[index]
+
+
+def batches_off_the_training_rng(dataloader: Any) -> Any:
+    """The batches of ``dataloader``, fetched without moving the global CPU RNG.
+
+    Creating a DataLoader iterator draws a seed from the global RNG; a resumed run creates it at another point of
+    the RNG stream than the uninterrupted run did. Fetching on a forked RNG keeps that stream for the training step.
+    """
+    iterator = iter(dataloader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
 
 
 class JsonlLog:
@@ -287,6 +348,19 @@ def log_validation(args: argparse.Namespace, accelerator: Accelerator, transform
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int, run_id: str) -> None:
+    """accelerate's state in a staging folder, renamed to ``checkpoint-<step>`` when complete; then pruning."""
+    staging = staging_dir(args.output_dir, step, remove_leftover=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process's random states are written
+    if accelerator.is_main_process:
+        path = commit_checkpoint(staging, step, run_id)
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit, run_id, keep=path)
+        logger.info(f'Saved state to {path}')
+    accelerator.wait_for_everyone()
 
 
 def main(args: argparse.Namespace) -> None:
@@ -402,8 +476,9 @@ def main(args: argparse.Namespace) -> None:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    train_samples = SeededSamples(train_dataset, args.seed if args.seed is not None else torch.initial_seed())
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, shuffle=True, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers,
+        train_samples, shuffle=True, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers,
         drop_last=len(train_dataset) >= args.train_batch_size * accelerator.num_processes)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes
@@ -449,19 +524,30 @@ def main(args: argparse.Namespace) -> None:
     if args.seed is not None:  # distinct noise/timesteps/dropout per process; a resume restores these RNG states
         set_seed(args.seed + accelerator.process_index)
     global_step, first_epoch, resume_step, resumed_from = 0, 0, 0, None
+    run_id = read_run_id(args.output_dir) if args.resume_from_checkpoint else None
     if args.resume_from_checkpoint:
-        path = find_checkpoint(args.output_dir, args.resume_from_checkpoint, flag='--resume_from_checkpoint')
-        if path is None:
-            accelerator.print(f"No checkpoint '{args.resume_from_checkpoint}' in {args.output_dir}. "
-                              f'Starting a new training run.')
-            args.resume_from_checkpoint = None
+        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint, flag='--resume_from_checkpoint',
+                                     run_id=run_id)
+        if checkpoint is None and run_contents(args.output_dir) and not args.overwrite_output_dir:
+            raise ValueError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint of the run in "
+                f"{args.output_dir} (the log above says what was skipped), which holds "
+                f"{', '.join(run_contents(args.output_dir))}. Pass --overwrite_output_dir to start a new run there.")
+        if checkpoint is None:
+            accelerator.print(f"No complete checkpoint '{args.resume_from_checkpoint}' of this run in "
+                              f'{args.output_dir}. Starting a new training run.')
+            args.resume_from_checkpoint, run_id = None, None
         else:
-            accelerator.print(f'Resuming from checkpoint {path}')
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split('-')[1])
+            accelerator.print(f'Resuming from checkpoint {checkpoint.path} (step {checkpoint.step})')
+            accelerator.load_state(str(checkpoint.path))
+            global_step, run_id = checkpoint.step, checkpoint.run_id
             first_epoch = global_step // num_update_steps_per_epoch
             resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-            resumed_from = path
+            resumed_from = str(checkpoint.path)
+    accelerator.wait_for_everyone()  # every process has read run.json before the main process rewrites it
+    if accelerator.is_main_process:
+        run_id = start_run(args.output_dir, run_id)
+    run_id = broadcast_object_list([run_id])[0]
     train_log.write({'event': 'resume' if resumed_from else 'start', 'step': global_step,
                      'resumed_from': resumed_from, 'max_train_steps': args.max_train_steps,
                      'num_processes': accelerator.num_processes, 'total_batch_size': total_batch_size,
@@ -477,7 +563,9 @@ def main(args: argparse.Namespace) -> None:
         dataloader = train_dataloader
         if epoch == first_epoch and resume_step > 0:
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_step)
-        for images, labels in dataloader:
+        dataloader.set_epoch(epoch)  # the shuffle's seed; a resumed run's loaders would count epochs from 0
+        train_samples.set_epoch(epoch)
+        for images, labels in batches_off_the_training_rng(dataloader):
             if global_step >= args.max_train_steps:  # e.g. resumed from a checkpoint at max_train_steps
                 break
             with accelerator.accumulate(student):
@@ -522,12 +610,7 @@ def main(args: argparse.Namespace) -> None:
                 progress_bar.set_postfix(loss=logs['loss'], lr=logs['lr'])
 
                 if global_step % args.checkpointing_steps == 0:
-                    if accelerator.is_main_process:
-                        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-                    accelerator.wait_for_everyone()
-                    save_path = os.path.join(args.output_dir, f'checkpoint-{global_step}')
-                    accelerator.save_state(save_path)
-                    logger.info(f'Saved state to {save_path}')
+                    save_checkpoint(accelerator, args, global_step, run_id)
 
                 if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     model = accelerator.unwrap_model(student)

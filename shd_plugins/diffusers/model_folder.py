@@ -7,7 +7,7 @@ Layout (``save_model_folder`` / ``load_dit_components``)::
     <folder>/vae/, model_index.json  latent-space models: also a DiTPipeline folder
     <folder>/sample_config.json    what the transformer does not say: num_classes, pixel_space, image_channels
     <folder>/checkpoint-<step>/    resumable training states (each also holds transformer/, scheduler/ and
-                                   sample_config.json, so a checkpoint can be sampled too)
+                                   sample_config.json, so a checkpoint can be sampled too; see ``checkpoints``)
 
 ``DiTPipeline`` can load a latent model folder, but it hard-codes the null class id 1000 for guidance (right for
 ImageNet only) and needs a VAE; :func:`~shd_plugins.diffusers.sample_class_conditional` reads both layouts.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,7 @@ from .models import load_vae, read_json, resolve_transformer_folder
 __all__ = [
     'SAMPLE_CONFIG_NAME',
     'DiTComponents',
-    'find_checkpoint',
     'load_dit_components',
-    'prune_checkpoints',
     'save_model_folder',
     'write_sample_config',
 ]
@@ -193,45 +190,3 @@ def load_dit_components(
         if vae is not None:
             vae.to(device)
     return DiTComponents(transformer, scheduler, vae, num_classes, bool(pixel_space), image_channels)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Training checkpoints
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _checkpoint_folders(output_dir: str | Path) -> list[str]:
-    """The ``checkpoint-<step>`` folder names in ``output_dir``, oldest step first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if d.startswith('checkpoint-')]
-    return sorted(names, key=lambda d: int(d.split('-')[1]))
-
-
-def find_checkpoint(output_dir: str | Path, which: str, flag: str = 'Checkpoint') -> str | None:
-    """The path of a ``checkpoint-<step>`` folder; ``'latest'`` picks the highest step (None when there is none).
-
-    Args:
-        output_dir: The training output folder.
-        which: ``'latest'``, a folder name in ``output_dir``, or a path.
-        flag: How ``which`` is named in error messages (a script's flag).
-    """
-    if which != 'latest':
-        path = which if os.path.isdir(which) else os.path.join(output_dir, which)
-        if not os.path.isdir(path):
-            raise ValueError(f'{flag} {which}: no such checkpoint folder (looked in {path}).')
-        return path
-    names = _checkpoint_folders(output_dir)
-    return os.path.join(output_dir, names[-1]) if names else None
-
-
-def prune_checkpoints(output_dir: str | Path, limit: int | None) -> None:
-    """Before saving a new checkpoint keep at most ``limit - 1`` old ones (diffusers examples' convention)."""
-    if limit is None:
-        return
-    names = _checkpoint_folders(output_dir)
-    if len(names) >= limit:
-        removing = names[: len(names) - limit + 1]
-        _logger.info(f"{len(names)} checkpoints exist, removing {len(removing)}: {', '.join(removing)}")
-        for name in removing:
-            shutil.rmtree(os.path.join(output_dir, name))
