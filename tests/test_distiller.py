@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_shd_worker
 import pytest
 import timm
 import torch
-from timm.layers import set_reentrant_ckpt
+import torch.nn.functional as F
+from timm.layers import Attention, set_reentrant_ckpt
 from tiny_models import dit_inputs, tiny_dit, tiny_vit
 
 from shd_plugins import SHDConfig, SHDDistiller
@@ -189,26 +191,59 @@ def test_bad_configurations_are_clear_errors():
         SHDDistiller(teacher, student, tokens='cls')
     with pytest.raises(ValueError, match='temperature must be > 0'):
         SHDDistiller(teacher, student, temperature=-1.0)
-    scale_norm_teacher = tiny_vit(num_heads=8, scale_attn_norm=True)
-    with pytest.raises(ValueError, match='scale_norm normalises the concatenated head outputs'):
-        SHDDistiller(scale_norm_teacher, student)
-    SHDDistiller(scale_norm_teacher, student, merge='mean').remove()  # the baselines need no value circuit
+
+
+def gated_vit():
+    model = tiny_vit(num_heads=8)
+    for block in model.blocks:  # timm's Attention with its output gate
+        block.attn = Attention(32, num_heads=8, qkv_bias=True, gated=True)
+    return model
+
+
+@pytest.mark.parametrize('make_teacher, reason', [
+    (lambda: tiny_vit(num_heads=8, scale_attn_norm=True), 'scale_norm normalises the concatenated head outputs'),
+    (gated_vit, 'a gate multiplies the head outputs before the projection'),
+])
+def test_teachers_without_a_linear_value_circuit_refuse_shd_and_train_the_baselines(make_teacher, reason):
+    teacher, student = make_teacher(), tiny_vit(num_heads=2, seed=1)
+    with pytest.raises(ValueError, match=reason):
+        SHDDistiller(teacher, student)
+    for merge in ('mean', 'select'):  # the baselines need no value circuit: a real step runs
+        with SHDDistiller(teacher, student, merge=merge) as distiller:
+            out = vit_step(distiller, teacher, student, torch.randn(2, 3, 32, 32))
+            out.loss.backward()
+        assert torch.isfinite(out.value) and student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+        student.zero_grad()
 
 
 @pytest.mark.slow
 def test_ddp_two_process_gloo(tmp_path):
-    """Real torchrun, 2 CPU processes: gradients of SHD flow through DDP and are all-reduced."""
+    """Real torchrun, 2 CPU processes: the all-reduced SHD gradients equal one process on the combined batch."""
     env = {**os.environ, 'PYTHONPATH': f"{ROOT / 'tests'}{os.pathsep}{ROOT}", 'OMP_NUM_THREADS': '1'}
     result = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29611',
          str(ROOT / 'tests' / 'ddp_shd_worker.py'), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    grads = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
-    assert grads[0]['loss'] != grads[1]['loss']  # each rank saw its own data
-    for name, grad in grads[0]['grads'].items():
-        torch.testing.assert_close(grad, grads[1]['grads'][name])  # all-reduced
-    assert any(g.abs().sum() > 0 for n, g in grads[0]['grads'].items() if 'qkv' in n)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    x, y = (torch.cat(parts) for parts in zip(*(ddp_shd_worker.rank_batch(r) for r in range(2))))
+    for objective in ('shd', 'shd+ce'):
+        grads = [ranks[r][objective]['first_step_grads'] for r in range(2)]
+        assert ranks[0][objective]['loss'] != ranks[1][objective]['loss']  # each rank saw its own data
+        teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
+        with SHDDistiller(teacher, student, temperature=2.0) as distiller:  # one process, the combined batch
+            with distiller.recording():
+                distiller.teacher_forward(x)
+                logits = student(x)
+            loss = distiller.compute_loss().loss
+            if objective == 'shd+ce':
+                loss = loss + F.cross_entropy(logits, y)
+            loss.backward()
+        for name, param in student.named_parameters():
+            torch.testing.assert_close(grads[0][name], grads[1][name])  # all-reduced
+            expected = param.grad if param.grad is not None else torch.zeros_like(param)
+            torch.testing.assert_close(grads[0][name], expected, rtol=1e-4, atol=1e-6, msg=f'{objective}: {name}')
+        assert any(g.abs().sum() > 0 for n, g in grads[0].items() if 'qkv' in n)
 
 
 def test_config_object_with_overrides_weight_and_logs():

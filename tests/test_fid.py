@@ -274,6 +274,13 @@ def test_cli_generates_from_a_trained_folder(tmp_path, timm_extractor, high_digi
     samples = np.load(tmp_path / 'out' / 'samples.npz')['arr_0']
     assert samples.shape == (12, 8, 8, 1) and samples.dtype == np.uint8
     assert results['args']['num_inference_steps'] == 2 and results['metric_settings']['kid_subset_size'] == 12
+    # DiT's FID-50K protocol is what a user gets without flags: DDPM, guidance 1.5, classes spread evenly, seed 0,
+    # and (see --help) 50k samples of 250 steps.
+    args = results['args']
+    assert (args['scheduler'], args['guidance_scale'], args['class_labels'], args['seed']) == ('ddpm', 1.5, 'even', 0)
+    help_text = ' '.join(_run_fid_cli('--help', cwd=tmp_path).stdout.split())
+    assert 'total samples (default: 50000)' in help_text and 'denoising steps (default: 250)' in help_text
+    assert 'disables it (default: 1.5)' in help_text and 'sampler (default: ddpm)' in help_text
 
 
 @pytest.mark.slow
