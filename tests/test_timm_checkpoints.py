@@ -207,6 +207,21 @@ def test_a_head_count_the_checkpoint_left_at_the_default_is_compared_too(tmp_pat
                                        pretrained_path=path).model.blocks[0].attn.num_heads == 3
 
 
+def test_a_safetensors_teacher_loads_and_needs_its_name(tmp_path):
+    """.safetensors holds tensors only: no recorded model, so the name and kwargs are required, and used."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    reference = timm.create_model(MODEL, num_classes=10, in_chans=1, img_size=32, **TEACHER)
+    path = tmp_path / 'teacher.safetensors'
+    save_file(reference.state_dict(), str(path))
+    teacher = create_distillation_teacher(MODEL, num_classes=10, in_chans=1, img_size=(32, 32), pretrained_path=path,
+                                          model_kwargs=TEACHER)
+    assert all(torch.equal(teacher.model.state_dict()[k], v) for k, v in reference.state_dict().items())
+    with pytest.raises(ValueError, match=r"teacher.safetensors' records no model .*--kd-model-name"):
+        create_distillation_teacher(None, num_classes=10, in_chans=1, img_size=(32, 32), pretrained_path=path)
+
+
 def test_state_dict_teacher_with_wrong_kwargs_names_the_shapes(tmp_path):
     """Issue 12.6: a plain state_dict and a wrong --kd-model-kwargs failed blaming ``input_size[0]=3``."""
     path = tmp_path / 'teacher.pth'

@@ -197,7 +197,7 @@ def test_latent_training_saves_a_dit_pipeline(digits_imagefolder, tmp_path):
     assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(images).all()
 
 
-@pytest.mark.parametrize('case', ['token_count', 'sample_size', 'heads', 'vae', 'empty_data'])
+@pytest.mark.parametrize('case', ['token_count', 'sample_size', 'heads', 'channels', 'classes', 'vae', 'empty_data'])
 def test_clear_errors(case, digits_imagefolder, models, tmp_path):
     """What the script builds from its flags fails with a ValueError that names the problem and the fix."""
     teacher, student = load_transformer(models['teacher']), DiTTransformer2DModel(**STUDENT)
@@ -210,6 +210,12 @@ def test_clear_errors(case, digits_imagefolder, models, tmp_path):
     elif case == 'heads':
         student = DiTTransformer2DModel(**dict(STUDENT, num_attention_heads=8, attention_head_dim=4))
         message = 'has 4 heads but student layer .* has 8'
+    elif case == 'channels':
+        teacher = DiTTransformer2DModel(**dict(TEACHER, in_channels=3, out_channels=6))  # RGB vs grayscale
+        message = "Teacher in_channels=3 differs from the student's 1"
+    elif case == 'classes':
+        teacher = DiTTransformer2DModel(**dict(TEACHER, num_embeds_ada_norm=20))
+        message = "Teacher num_embeds_ada_norm=20 differs from the student's 10.*null .*class id"
     elif case == 'vae':
         message = '--pretrained_vae_model_name_or_path .*no_such_vae does not exist'
     else:
