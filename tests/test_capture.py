@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiTPipeline, PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttention
 from timm.layers import AttentionRope
 from timm.layers.attention2d import MultiQueryAttention2d
 from timm.layers.diff_attention import DiffAttention
@@ -172,6 +173,7 @@ def test_forwards_outside_recording_leave_nothing_behind():
     (lambda: EvaAttention(dim=16, num_heads=2, scale_norm=False), 'EVA attention applies rotary embeddings'),
     (lambda: MultiQueryAttention2d(dim=16, num_heads=2), 'multi-query attention shares k/v across heads'),
     (lambda: Attention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=12), r'joint attention \(SD3/Flux style\)'),
+    (lambda: FluxAttention(query_dim=16, heads=2, dim_head=8), 'FluxAttention is a diffusers attention class not yet'),
 ])
 def test_unsupported_attention_is_refused_with_the_reason(module, reason):
     model = torch.nn.Sequential(torch.nn.Identity(), module())
