@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument('--vae_path', help='AutoencoderKL folder, if not <model_path>/vae')
     gen.add_argument('--num_samples', type=int, default=50_000, help='total samples (default: 50000)')
     gen.add_argument('--num_inference_steps', type=int, default=250, help='denoising steps (default: 250)')
-    gen.add_argument('--guidance_scale', type=float, default=1.5, help='classifier-free guidance; <=1 disables it (default: 1.5)')
+    gen.add_argument('--guidance_scale', type=float, default=1.5,
+                     help='classifier-free guidance; <=1 disables it (default: 1.5)')
     gen.add_argument('--scheduler', choices=sorted(SCHEDULERS), default='ddpm', help='sampler (default: ddpm)')
     gen.add_argument('--batch_size', type=int, default=32, help='samples per batch on each process (default: 32)')
     gen.add_argument('--seed', type=int, default=0, help='global seed; process r of W uses seed*W+r')

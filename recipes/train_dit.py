@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -93,6 +92,7 @@ from shd_plugins.diffusers import (
 )
 from shd_plugins.diffusers.models import check_local_path
 from shd_plugins.imagefolder import check_imagefolder
+from shd_plugins.seeding import SeededSamples, batches_off_the_training_rng
 
 logger = get_logger(__name__, log_level='INFO')
 
@@ -264,45 +264,6 @@ def build_dataset(args: argparse.Namespace, image_channels: int) -> datasets.Ima
         dataset.targets = [s[1] for s in dataset.samples]
         dataset.imgs = dataset.samples
     return dataset
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """Random augmentations seeded by (seed, epoch, index), on a forked RNG.
-
-    A resumed run must see the same augmented images as an uninterrupted one. Drawn from the global RNG, they would
-    depend on when each batch is fetched (the loader reads one batch ahead, so the checkpointed RNG state already
-    includes the next batch's draws) and would move the RNG that draws the noise, timesteps and label dropout.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~0.5 ms (every backend)
-            return self.dataset[index]
-
-
-def batches_off_the_training_rng(dataloader: Any) -> Any:
-    """The batches of ``dataloader``, fetched without moving the global CPU RNG.
-
-    Creating a DataLoader iterator draws a seed from the global RNG; a resumed run creates it at another point of
-    the RNG stream than the uninterrupted run did. Fetching on a forked RNG keeps that stream for the training step.
-    """
-    iterator = iter(dataloader)
-    while True:
-        with torch.random.fork_rng(devices=[]):
-            batch = next(iterator, None)
-        if batch is None:
-            return
-        yield batch
 
 
 class JsonlLog:

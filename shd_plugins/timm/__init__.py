@@ -24,7 +24,7 @@ from .checkpoint import (
     rng_state,
     truncate_summary,
 )
-from .data import ResumableSampler, SeededAugmentation, build_train_loader, per_channel, resolve_val_dir
+from .data import ResumableSampler, build_train_loader, per_channel, resolve_val_dir
 from .task import (
     KD_DISTILL_TYPES,
     SHDDistillationTask,
@@ -50,7 +50,7 @@ __all__ = [
     'create_distillation_task', 'create_distillation_teacher', 'create_student', 'create_task',
     'find_latest_checkpoint', 'KD_DISTILL_TYPES', 'LOSS_KEYS', 'parse_train_args', 'per_channel',
     'read_checkpoint_metadata', 'reduce_sums', 'resolve_amp', 'resolve_lr', 'resolve_output_dir', 'resolve_val_dir',
-    'restore_rng_state', 'ResumableSampler', 'resume_position', 'ResumePosition', 'rng_state', 'SeededAugmentation',
+    'restore_rng_state', 'ResumableSampler', 'resume_position', 'ResumePosition', 'rng_state',
     'setup_training', 'SHDDistillationTask', 'teacher_from_checkpoint', 'train_one_epoch', 'TrainStateSaver',
     'truncate_summary', 'validate',
 ]

@@ -122,7 +122,7 @@ def rng_state() -> dict[str, Any]:
     """The global generators (torch CPU and CUDA, ``random``, numpy) as plain tensors and tuples.
 
     Only the model's own randomness (dropout, drop-path) draws from them in this loop (augmentation is seeded per
-    sample, :class:`~shd_plugins.timm.data.SeededAugmentation`); restoring them makes a resumed step bit-identical.
+    sample, :class:`~shd_plugins.seeding.SeededSamples`); restoring them makes a resumed step bit-identical.
     Every entry loads with ``weights_only=True``.
     """
     _, keys, pos, has_gauss, cached = np.random.get_state()

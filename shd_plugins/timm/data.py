@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from timm.data import create_dataset, create_transform
 
 from ..evaluation.top1 import input_img_mode
 from ..imagefolder import check_imagefolder
+from ..seeding import SeededSamples
 
-__all__ = ['per_channel', 'ResumableSampler', 'SeededAugmentation', 'build_train_loader', 'resolve_val_dir']
+__all__ = ['per_channel', 'ResumableSampler', 'build_train_loader', 'resolve_val_dir']
 
 
 def per_channel(values: torch.Tensor | Sequence[float], in_chans: int | None) -> torch.Tensor:
@@ -46,7 +45,8 @@ class ResumableSampler(torch.utils.data.Sampler):
         num_replicas: World size.
         rank: This process's rank.
         seed: Base seed of the per-epoch permutations.
-        keyed: Yield ``(epoch, index)`` keys for a :class:`SeededAugmentation` dataset instead of bare indices.
+        keyed: Yield ``(epoch, index)`` keys for a :class:`~shd_plugins.seeding.SeededSamples` dataset instead of
+            bare indices.
     """
 
     def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, keyed: bool = False):
@@ -81,41 +81,6 @@ class ResumableSampler(torch.utils.data.Sampler):
         return self.samples_per_rank(self.start)
 
 
-class SeededAugmentation(torch.utils.data.Dataset):
-    """A dataset whose random augmentation of sample ``i`` in epoch ``e`` depends only on ``(seed, e, i)``.
-
-    timm's train transforms draw from the process-global ``random``/``torch`` generators, so the crop a sample gets
-    depends on everything drawn before it: a run resumed mid-epoch (or with another ``--workers``) would augment
-    differently from an uninterrupted one. Seeding per sample makes the augmentation a function of the key, and
-    the global generators are restored afterwards, so the model's own randomness (dropout, drop-path) is untouched.
-
-    Args:
-        dataset: The map-style dataset with its random ``transform``.
-        seed: Base seed (``--seed``).
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        sample_seed = (self.seed * 1_000_003 + epoch) * 100_000_007 + index
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                random.seed(sample_seed)
-                np.random.seed(sample_seed % 2 ** 32)
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
 def build_train_loader(
         train_dir: str | Path,
         data_config: dict[str, Any],
@@ -126,8 +91,8 @@ def build_train_loader(
     Reads timm ``train.py``'s flags from ``args``: ``batch_size``, ``workers``, ``pin_mem``, ``seed``, ``rank``,
     ``world_size`` and the augmentation ones (``no_aug``, ``scale``, ``ratio``, ``hflip``, ``color_jitter``, ``aa``,
     ``train_interpolation``, ``reprob``). Batches are whole (``drop_last``), so every rank takes as many steps.
-    Augmentation is seeded per sample (:class:`SeededAugmentation`) and the loader has its own generator, so a
-    resumed run sees the same augmented batches as an uninterrupted one.
+    Augmentation is seeded per sample (:class:`~shd_plugins.seeding.SeededSamples`) and the loader has its own
+    generator, so a resumed run sees the same augmented batches as an uninterrupted one.
 
     Raises:
         ValueError: The split holds fewer than one batch per process.
@@ -155,7 +120,7 @@ def build_train_loader(
             f'{train_dir} has {len(dataset)} images: fewer than one batch of {args.batch_size} per process '
             f'({args.world_size} processes). Lower --batch-size.')
     loader = torch.utils.data.DataLoader(
-        SeededAugmentation(dataset, args.seed),
+        SeededSamples(dataset, args.seed),
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.workers,
