@@ -25,6 +25,7 @@ from .core import (
     resolve_layer_pairs,
     resolve_loss_weights,
     shd_loss,
+    streamed_shd_loss,
 )
 from .distiller import SHDDistiller, SHDOutput
 
@@ -34,5 +35,5 @@ __all__ = [
     'GROUPING_MODES', 'LOSS_TYPES', 'MERGE_MODES', 'AttentionAdapter', 'AttentionCapture', 'CapturedAttention',
     'SHDConfig', 'SHDDistiller', 'SHDOutput', 'attention_map_loss', 'find_attention_layers', 'head_groups',
     'logit_kd_loss', 'merge_heads', 'merge_schedule', 'output_mse_loss', 'register_attention_adapter',
-    'resolve_layer_pairs', 'resolve_loss_weights', 'shd_loss',
+    'resolve_layer_pairs', 'resolve_loss_weights', 'shd_loss', 'streamed_shd_loss',
 ]

@@ -15,6 +15,7 @@ from .config import SHDConfig
 from .core.heads import merge_schedule
 from .core.layer_mapping import resolve_layer_pairs
 from .core.losses import shd_loss
+from .core.streamed import streamed_shd_loss
 
 __all__ = ['SHDOutput', 'SHDDistiller']
 
@@ -64,6 +65,10 @@ class SHDDistiller:
         teacher: Frozen teacher (any model a registered attention adapter claims); wrappers are unwrapped.
         student: Student with N <= M heads in every distilled layer.
         config: The SHD options (:class:`~shd_plugins.SHDConfig`); defaults when None.
+        dense: Compute the loss from (B, H, T, T) score maps (:func:`~shd_plugins.core.losses.shd_loss`, the
+            reference) instead of streaming it from q, k, v in row blocks
+            (:func:`~shd_plugins.core.streamed.streamed_shd_loss`, the default: same value, gradients and merge
+            weights, without holding or saving N x N tensors).
         **options: Options overriding ``config`` (``temperature=2.0``, ``merge='mean'``, ...).
 
     Example::
@@ -76,8 +81,10 @@ class SHDDistiller:
         (task_loss + shd.loss).backward()
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, config: SHDConfig | None = None, **options: Any):
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: SHDConfig | None = None, *,
+                 dense: bool = False, **options: Any):
         config = config or SHDConfig()
+        self.dense = dense
         self.config = config.replace(**options) if options else config
         teacher_layers = find_attention_layers(teacher)
         student_layers = find_attention_layers(student)
@@ -145,11 +152,17 @@ class SHDDistiller:
                 self._check_student_graph(s, student_rec.q)
                 if check_finite:
                     self._check_finite(t, s, teacher_rec, student_rec)
-                value, alpha = shd_loss(
-                    student_rec.logits(), teacher_rec.logits(), teacher_rec.v, teacher_rec.out_weight,
+                options = dict(
                     temperature=config.temperature, loss=config.loss, merge=config.merge, grouping=config.grouping,
                     per_row=config.per_row, query_mask=query_mask, key_mask=key_mask,
                     prefix_tokens=self.prefix_tokens, return_alphas=True)
+                if self.dense:
+                    value, alpha = shd_loss(
+                        student_rec.logits(), teacher_rec.logits(), teacher_rec.v, teacher_rec.out_weight, **options)
+                else:
+                    value, alpha = streamed_shd_loss(
+                        student_rec.q, student_rec.k, student_rec.scale, teacher_rec.q, teacher_rec.k, teacher_rec.v,
+                        teacher_rec.out_weight, teacher_rec.scale, **options)
                 values.append(value)
                 layer_losses[(t, s)] = value.detach()
                 alphas[(t, s)] = alpha

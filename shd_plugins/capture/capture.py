@@ -72,7 +72,11 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
 
 @dataclass
 class CapturedAttention:
-    """What one forward recorded for one layer: per-head q, k (B, H, N, d), and v for the teacher."""
+    """What one forward recorded for one layer: per-head q, k (B, H, N, d), and v for the teacher.
+
+    Nothing here is N x N: the default (streamed) SHD loss reads q, k and v as they are
+    (:func:`~shd_plugins.core.streamed.streamed_shd_loss`); :meth:`logits` forms the scores for the dense reference.
+    """
 
     q: torch.Tensor
     k: torch.Tensor

@@ -20,7 +20,7 @@ import torch
 
 from .heads import MergeSchedule, Slot, merge_schedule, num_merges
 
-__all__ = ['MERGE_MODES', 'merge_heads', 'pair_alpha', 'reconstruction_error']
+__all__ = ['MERGE_MODES', 'merge_heads', 'pair_alpha', 'alpha_from_terms', 'reconstruction_error']
 
 MERGE_MODES = ('shd', 'mean', 'select')
 
@@ -57,6 +57,15 @@ def pair_alpha(
         uu = ((delta_vp.transpose(-2, -1) @ delta_vp) * gram_pp).sum((-2, -1))
         ww = ((delta_vq.transpose(-2, -1) @ delta_vq) * gram_qq).sum((-2, -1))
         uw = ((delta_vp.transpose(-2, -1) @ delta_vq) * gram_pq).sum((-2, -1))
+    return alpha_from_terms(uu, ww, uw, eps=eps)
+
+
+def alpha_from_terms(uu: torch.Tensor, ww: torch.Tensor, uw: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """``a* = (|U|^2 + <U,W>) / |U + W|^2`` clamped to [0, 1], 0.5 where the denominator vanishes.
+
+    Split from :func:`pair_alpha` so that a caller that accumulates the three inner products over row blocks (the
+    streamed loss) applies the same closed form.
+    """
     denominator = uu + 2 * uw + ww
     vanishing = denominator <= eps * (uu + ww) + torch.finfo(denominator.dtype).tiny
     alpha = (uu + uw) / torch.where(vanishing, torch.ones_like(denominator), denominator)
