@@ -18,6 +18,18 @@ def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 3, 32, 32, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)
 
 
+def step_loss(distiller: SHDDistiller, student: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              objective: str) -> torch.Tensor:
+    """One step's loss: the SHD term alone ('shd') or with cross-entropy ('shd+ce')."""
+    with distiller.recording():
+        distiller.teacher_forward(x)
+        logits = student(x)
+    loss = distiller.compute_loss().loss
+    if objective == 'shd+ce':
+        return loss + F.cross_entropy(logits, y)
+    return loss + 0.0 * logits.sum()  # DDP needs every output in the graph; the head gets zero gradient
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group('gloo')
     rank = dist.get_rank()
@@ -29,14 +41,7 @@ def main(out_dir: str) -> None:
         ddp_student = torch.nn.parallel.DistributedDataParallel(student)
         for _ in range(2):  # a second step proves DDP's reducer saw every gradient of the first
             ddp_student.zero_grad()
-            with distiller.recording():
-                distiller.teacher_forward(x)
-                logits = ddp_student(x)
-            loss = distiller.compute_loss().loss
-            if objective == 'shd+ce':
-                loss = loss + F.cross_entropy(logits, y)
-            else:
-                loss = loss + 0.0 * logits.sum()  # DDP needs every output in the graph; the head gets zero gradient
+            loss = step_loss(distiller, ddp_student, x, y, objective)
             loss.backward()
             if _ == 0:
                 first = {n: p.grad.detach().clone() for n, p in student.named_parameters()}

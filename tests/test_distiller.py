@@ -9,7 +9,6 @@ import ddp_shd_worker
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention, set_reentrant_ckpt
 from tiny_models import dit_inputs, tiny_dit, tiny_vit
 
@@ -232,13 +231,7 @@ def test_ddp_two_process_gloo(tmp_path):
         assert ranks[0][objective]['loss'] != ranks[1][objective]['loss']  # each rank saw its own data
         teacher, student = tiny_vit(num_heads=8), tiny_vit(num_heads=2, seed=1)
         with SHDDistiller(teacher, student, temperature=2.0) as distiller:  # one process, the combined batch
-            with distiller.recording():
-                distiller.teacher_forward(x)
-                logits = student(x)
-            loss = distiller.compute_loss().loss
-            if objective == 'shd+ce':
-                loss = loss + F.cross_entropy(logits, y)
-            loss.backward()
+            ddp_shd_worker.step_loss(distiller, student, x, y, objective).backward()
         for name, param in student.named_parameters():
             torch.testing.assert_close(grads[0][name], grads[1][name])  # all-reduced
             expected = param.grad if param.grad is not None else torch.zeros_like(param)
