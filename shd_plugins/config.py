@@ -19,7 +19,7 @@ from .core.merge import MERGE_MODES
 
 __all__ = ['TOKEN_MODES', 'FLAG_STYLES', 'SHDConfig']
 
-TOKEN_MODES = ('all', 'patch')
+TOKEN_MODES = ('all', 'patch', 'image')
 FLAG_STYLES = ('timm', 'diffusers')
 
 # The command-line help of each option; the defaults come from the dataclass fields.
@@ -30,7 +30,8 @@ _HELP = {
     'merge': "Head merge: 'shd' (closed form), 'mean' or 'select' (the paper's ablations)",
     'loss': 'Attention map loss',
     'grouping': 'Merge rounds: progressive adjacent pairs, or balanced contiguous groups',
-    'tokens': "'all' tokens, or 'patch' to drop each model's cls/dist/register tokens",
+    'tokens': "'all' tokens (the joint text + image map of SD3/Flux), or 'patch'/'image' to keep the image tokens "
+              "only (drop cls/dist/register tokens and joint attention's text tokens)",
     'per_row': 'One merge weight per query row instead of one per map',
     'check_finite': 'Check the recorded q/k/v for NaN/inf at every step, not only the first (syncs the device)',
 }
@@ -48,8 +49,11 @@ class SHDConfig:
         merge: ``'shd'`` (closed-form weights), ``'mean'`` (a = 0.5) or ``'select'`` (first head of each pair).
         loss: ``'kl'`` or ``'mse'``.
         grouping: ``'progressive'`` (rounds of adjacent pairs) or ``'balanced'`` (contiguous near-equal groups).
-        tokens: ``'all'`` (the maps must cover the same tokens) or ``'patch'`` (drop each model's prefix tokens:
-            cls/dist/registers, so e.g. a distilled DeiT can teach a ViT).
+        tokens: ``'all'`` (the maps must cover the same tokens; for joint attention the whole text + image map) or
+            ``'patch'``, alias ``'image'``: keep the image tokens only, rows renormalised (drop each model's
+            prefix tokens: cls/dist/registers, so e.g. a distilled DeiT can teach a ViT; and the text tokens of
+            joint attention, the image x image block). Two names for one option: ViT users say patch, diffusion
+            users say image.
         per_row: One merge weight per query row.
         check_finite: Check the recorded tensors for NaN/inf at every step (a device sync per step); the first step
             is always checked.

@@ -68,7 +68,8 @@ class SHDDistiller:
         dense: Compute the loss from (B, H, T, T) score maps (:func:`~shd_plugins.core.losses.shd_loss`, the
             reference) instead of streaming it from q, k, v in row blocks
             (:func:`~shd_plugins.core.streamed.streamed_shd_loss`, the default: same value, gradients and merge
-            weights, without holding or saving N x N tensors).
+            weights, without holding or saving N x N tensors). Layers whose capture records an additive logits
+            bias (a relative-position bias) always take the dense loss.
         **options: Options overriding ``config`` (``temperature=2.0``, ``merge='mean'``, ...).
 
     Example::
@@ -149,6 +150,9 @@ class SHDDistiller:
         try:
             for t, s in self.layer_pairs:
                 teacher_rec, student_rec = self.teacher_capture[t], self.student_capture[s]
+                if config.tokens != 'all':
+                    teacher_rec, student_rec = teacher_rec.image_only(), student_rec.image_only()
+                self._check_token_sets(t, s, teacher_rec, student_rec)
                 self._check_student_graph(s, student_rec.q)
                 if check_finite:
                     self._check_finite(t, s, teacher_rec, student_rec)
@@ -156,13 +160,13 @@ class SHDDistiller:
                     temperature=config.temperature, loss=config.loss, merge=config.merge, grouping=config.grouping,
                     per_row=config.per_row, query_mask=query_mask, key_mask=key_mask,
                     prefix_tokens=self.prefix_tokens, return_alphas=True)
-                if self.dense:
+                if self.dense or teacher_rec.bias is not None or student_rec.bias is not None:
                     value, alpha = shd_loss(
-                        student_rec.logits(), teacher_rec.logits(), teacher_rec.v, teacher_rec.out_weight, **options)
+                        student_rec.logits(), teacher_rec.logits(), teacher_rec.v, teacher_rec.projections(), **options)
                 else:
                     value, alpha = streamed_shd_loss(
                         student_rec.q, student_rec.k, student_rec.scale, teacher_rec.q, teacher_rec.k, teacher_rec.v,
-                        teacher_rec.out_weight, teacher_rec.scale, **options)
+                        teacher_rec.projections(), teacher_rec.scale, **options)
                 values.append(value)
                 layer_losses[(t, s)] = value.detach()
                 alphas[(t, s)] = alpha
@@ -184,6 +188,20 @@ class SHDDistiller:
                         f"module '{layer.name}'): the model's forward diverged or its input is not finite. Check the "
                         f'inputs and the learning rate; SHD checks the first step, SHDConfig(check_finite=True) every '
                         f'step.')
+
+    def _check_token_sets(self, t: int, s: int, teacher_rec: CapturedAttention, student_rec: CapturedAttention) -> None:
+        """Joint attention: the teacher's and the student's maps must cover the same text and image tokens."""
+        if teacher_rec.text is None and student_rec.text is None:
+            return  # plain attention: the loss names differing token counts itself
+        if teacher_rec.text != student_rec.text or teacher_rec.tokens != student_rec.tokens:
+            def describe(rec: CapturedAttention) -> str:
+                text = 0 if rec.text is None else rec.text.stop - rec.text.start
+                return (f'{rec.tokens} tokens ({text} text at {rec.text}, {rec.tokens - text} image), '
+                        f'q {tuple(rec.q.shape)}')
+            raise ValueError(
+                f'Layer pair (teacher {t}, student {s}): the joint attention maps cover different token sets: '
+                f'teacher {describe(teacher_rec)} vs student {describe(student_rec)}. Give both models the same '
+                f"prompt embeddings (text length) and latent size, or distil the image tokens only (tokens='image').")
 
     def _check_student_graph(self, index: int, q: torch.Tensor) -> None:
         module = self.student_capture.layers[index].module

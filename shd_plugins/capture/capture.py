@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..core.precision import autocast_disabled
 from .registry import AttentionLayer, adapter_for, attention_adapters
@@ -76,6 +79,13 @@ class CapturedAttention:
 
     Nothing here is N x N: the default (streamed) SHD loss reads q, k and v as they are
     (:func:`~shd_plugins.core.streamed.streamed_shd_loss`); :meth:`logits` forms the scores for the dense reference.
+
+    ``bias`` is an additive logits bias broadcastable to (B, H, N, N) (a relative-position bias, as MDT's), part
+    of the map: layers with a bias take the dense loss (the streamed one reads q and k only).
+
+    Joint attention (SD3, Flux, CogVideoX) attends over text and image tokens at once: ``text`` says which of the N
+    tokens are text, and a text query row's output goes through ``text_out_weight`` (``to_add_out``; None when
+    the block discards the text rows' outputs) instead of ``out_weight`` (``to_out``).
     """
 
     q: torch.Tensor
@@ -83,20 +93,76 @@ class CapturedAttention:
     scale: float
     v: torch.Tensor | None = None
     out_weight: torch.Tensor | None = None
+    text: slice | None = None
+    text_out_weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.q.shape[-2]
 
     def logits(self) -> torch.Tensor:
-        """Pre-softmax scores ``q k^T * scale`` (B, H, N, N) in float32."""
+        """Pre-softmax scores ``q k^T * scale (+ bias)`` (B, H, N, N) in float32."""
         with autocast_disabled(self.q):
-            return (self.q.float() * self.scale) @ self.k.float().transpose(-2, -1)  # scale the (N x d) side
+            scores = (self.q.float() * self.scale) @ self.k.float().transpose(-2, -1)  # scale the (N x d) side
+            return scores if self.bias is None else scores + self.bias.float()
+
+    def image_only(self) -> CapturedAttention:
+        """The image tokens alone: text rows and columns dropped (the image x image block, rows renormalised)."""
+        if self.text is None:
+            return self
+        keep = [i for i in range(self.tokens) if not self.text.start <= i < self.text.stop]
+        start, stop = keep[0], keep[-1] + 1
+        if stop - start != len(keep):
+            raise ValueError(f'The image tokens of a joint attention layer must be contiguous, text is {self.text} '
+                             f'of {self.tokens} tokens.')
+        cut = slice(start, stop)
+        return replace(self, q=self.q[:, :, cut], k=self.k[:, :, cut],
+                       v=None if self.v is None else self.v[:, :, cut], text=None, text_out_weight=None,
+                       bias=None if self.bias is None else self.bias[..., cut, cut])
+
+    def projections(self) -> torch.Tensor | Any | None:
+        """The output projection(s) the merge weights need: one weight, or per-stream rows for joint attention."""
+        if self.out_weight is None or self.text is None or self.text_out_weight is self.out_weight:
+            return self.out_weight
+        from ..core import RowProjections
+        text_start, text_stop = self.text.start, self.text.stop
+        segments = [(0, text_start, self.out_weight), (text_start, text_stop, self.text_out_weight),
+                    (text_stop, self.tokens, self.out_weight)]
+        return RowProjections(tuple(s for s in segments if s[1] > s[0]), self.tokens)
 
 
 @dataclass
 class _Slot:
-    """Tensors recorded for one layer during the current forward."""
+    """Tensors recorded for one layer during the current forward (``text``: the text tokens of joint attention;
+    ``bias``: an additive logits bias)."""
 
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    text: slice | None = None
+    bias: torch.Tensor | None = None
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+class _KernelCalls(TorchFunctionMode):
+    """Sees the ``scaled_dot_product_attention`` calls made while it is active and lets them run unchanged."""
+
+    _PARAMETERS = ('query', 'key', 'value', 'attn_mask', 'dropout_p', 'is_causal', 'scale', 'enable_gqa')
+
+    def __init__(self, record: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], None]):
+        super().__init__()
+        self.record, self.calls = record, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            self.calls += 1
+            call = dict(zip(self._PARAMETERS, args, strict=False)) | kwargs
+            self.record(call.pop('query'), call.pop('key'), call.pop('value'), call)
+        return func(*args, **kwargs)
 
 
 class LayerRecorder:
@@ -127,6 +193,55 @@ class LayerRecorder:
             record(capture._slots.setdefault(index, _Slot()), output)
 
         capture._handles.append(submodule.register_forward_hook(hook))
+
+    def hook_inputs(self, submodule: nn.Module, record: Callable[[_Slot, tuple, dict], None]) -> None:
+        """Call ``record(slot, args, kwargs)`` before each recorded forward of ``submodule`` (e.g. to read the
+        rotary embedding or the text length a block is called with). Inert as :meth:`hook` is."""
+        submodule_ref = weakref.ref(submodule)
+        capture, index = self._capture, self._index
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if capture.is_recording and module is submodule_ref():
+                record(capture._slots.setdefault(index, _Slot()), args, kwargs)
+
+        capture._handles.append(submodule.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    def hook_kernel(self, submodule: nn.Module,
+                    record: Callable[[_Slot, torch.Tensor, torch.Tensor, torch.Tensor, dict], None]) -> None:
+        """Call ``record(slot, query, key, value, options)`` for each torch ``scaled_dot_product_attention`` call made
+        inside a recorded forward of ``submodule``: the q, k, v exactly as the kernel receives them (after
+        q/k norms, rotary embeddings and the joint text + image concatenation, whatever the processor).
+
+        The call itself runs unchanged (same function, same arguments), so outputs are bit-identical. Attention
+        backends that bypass torch's SDPA (the flash-attn or xformers libraries, sage) are not seen: the recorded
+        forward then raises, naming the module, instead of training on stale or missing maps.
+        """
+        submodule_ref = weakref.ref(submodule)
+        capture, index = self._capture, self._index
+        active: list[_KernelCalls] = []
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if capture.is_recording and module is submodule_ref():
+                slot = capture._slots.setdefault(index, _Slot())
+                mode = _KernelCalls(lambda q, k, v, options: record(slot, q, k, v, options))
+                mode.__enter__()
+                active.append(mode)
+
+        def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not active or module is not submodule_ref():
+                return
+            mode = active.pop()
+            mode.__exit__(None, None, None)
+            if mode.calls == 0 and output is not None:  # None: the forward raised (always_call), let that through
+                raise RuntimeError(
+                    f'SHD capture saw no torch scaled_dot_product_attention call in the forward of '
+                    f'{type(module).__name__}: its attention backend or processor bypasses torch SDPA (flash-attn, '
+                    f"xformers, sage). Use diffusers' native backend for the SHD teacher and student "
+                    f"(model.set_attention_backend('native') or the attention_backend('native') context) or the "
+                    f'default attention processor.')
+
+        capture._handles.append(submodule.register_forward_pre_hook(pre_hook))
+        capture._handles.append(submodule.register_forward_hook(post_hook, always_call=True))
 
 
 class AttentionCapture:
@@ -184,8 +299,9 @@ class AttentionCapture:
                 f"`with capture.recording():` (SHDDistiller.recording()); if fuse_qkv_projections() was called after "
                 f"installing the capture, install it again.")
         return CapturedAttention(
-            q=slot.q, k=slot.k, scale=layer.scale, v=slot.v,
-            out_weight=layer.out_weight() if self.record_values else None)
+            q=slot.q, k=slot.k, scale=layer.scale, v=slot.v, text=slot.text, bias=slot.bias,
+            out_weight=layer.out_weight() if self.record_values else None,
+            text_out_weight=layer.text_out_weight() if self.record_values and slot.text is not None else None)
 
     def clear(self) -> None:
         """Drop the recorded tensors (frees the activations they keep alive)."""

@@ -97,12 +97,23 @@ class AttentionAdapter:
         raise NotImplementedError
 
     def install(self, module: nn.Module, recorder: LayerRecorder) -> None:
-        """Hook the submodules that produce q, k (and v when ``recorder.record_values``) through ``recorder.hook``."""
+        """Record per-head q, k (and v when ``recorder.record_values``) through the recorder's hooks.
+
+        ``recorder.hook`` records a submodule's output (q/k norms, projections); ``recorder.hook_inputs`` reads a
+        forward's arguments (rotary embeddings, the text length); ``recorder.hook_kernel`` records the q, k, v
+        handed to ``scaled_dot_product_attention`` inside the module's forward (after RoPE and the joint
+        concatenation). Joint attention also sets ``slot.text`` to the slice of text tokens.
+        """
         raise NotImplementedError
 
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         """The (D, H*d) output-projection weight; head h owns columns ``h*d:(h+1)*d``."""
         raise NotImplementedError
+
+    def text_out_weight(self, module: nn.Module) -> torch.Tensor | None:
+        """Joint attention: the (D', H*d) projection the text query rows go through (``to_add_out``), or None when
+        the block discards their outputs. Only called when the adapter recorded ``slot.text``."""
+        return self.out_weight(module)
 
     def output_problems(self, module: nn.Module) -> list[str]:
         """Reasons the head outputs do not reach the projection linearly (the SHD merge weights need that)."""
@@ -197,6 +208,10 @@ class AttentionLayer:
     def out_weight(self) -> torch.Tensor:
         """The (D, H*d) output-projection weight; head h owns columns ``h*d:(h+1)*d``."""
         return self.adapter.out_weight(self.module)
+
+    def text_out_weight(self) -> torch.Tensor | None:
+        """Joint attention: the projection of the text query rows (see :meth:`AttentionAdapter.text_out_weight`)."""
+        return self.adapter.text_out_weight(self.module)
 
     def check_linear_output(self) -> None:
         """The value-output circuit ``X_h = V_h W_O^h`` needs the projection to act linearly per head."""
