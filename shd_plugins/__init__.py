@@ -16,6 +16,7 @@ from .core import (
     GROUPING_MODES,
     LOSS_TYPES,
     MERGE_MODES,
+    RowProjections,
     attention_map_loss,
     head_groups,
     logit_kd_loss,
@@ -33,7 +34,7 @@ __version__ = '0.2.0'
 
 __all__ = [
     'GROUPING_MODES', 'LOSS_TYPES', 'MERGE_MODES', 'AttentionAdapter', 'AttentionCapture', 'CapturedAttention',
-    'SHDConfig', 'SHDDistiller', 'SHDOutput', 'attention_map_loss', 'find_attention_layers', 'head_groups',
-    'logit_kd_loss', 'merge_heads', 'merge_schedule', 'output_mse_loss', 'register_attention_adapter',
+    'RowProjections', 'SHDConfig', 'SHDDistiller', 'SHDOutput', 'attention_map_loss', 'find_attention_layers',
+    'head_groups', 'logit_kd_loss', 'merge_heads', 'merge_schedule', 'output_mse_loss', 'register_attention_adapter',
     'resolve_layer_pairs', 'resolve_loss_weights', 'shd_loss', 'streamed_shd_loss',
 ]

@@ -44,11 +44,11 @@ def both(teacher, student, **options):
                 student['q'], student['k'], student['scale'], teacher['q'], teacher['k'], teacher['v'], teacher['w'],
                 teacher['scale'], return_alphas=True, **options)
         else:
-            options.pop('block_rows', None)
+            dense_options = {key: value for key, value in options.items() if key != 'block_rows'}
             value, alphas = shd_loss(
                 logits(student['q'], student['k'], student['scale']), logits(teacher['q'], teacher['k'],
                                                                              teacher['scale']),
-                teacher['v'], teacher['w'], return_alphas=True, **options)
+                teacher['v'], teacher['w'], return_alphas=True, **dense_options)
         value.backward()
         results.append((value.detach(), alphas, student['q'].grad.clone(), student['k'].grad.clone()))
     return results

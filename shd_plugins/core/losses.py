@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .merge import merge_heads
 from .precision import without_autocast
+from .projections import RowProjections, drop_prefix_rows
 
 __all__ = [
     'LOSS_TYPES', 'shd_loss', 'attention_map_loss', 'logit_kd_loss', 'output_mse_loss', 'resolve_loss_weights',
@@ -154,7 +155,7 @@ def shd_loss(
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
         teacher_values: torch.Tensor,
-        teacher_out_weight: torch.Tensor,
+        teacher_out_weight: torch.Tensor | RowProjections,
         *,
         temperature: float = 1.0,
         loss: str = 'kl',
@@ -176,7 +177,9 @@ def shd_loss(
         student_logits: Student scores ``Q K^T * scale`` (B, N_heads, T, T).
         teacher_logits: Teacher scores (B, M, T', T').
         teacher_values: Teacher per-head values (B, M, T', d).
-        teacher_out_weight: Teacher output projection weight (D, M*d).
+        teacher_out_weight: Teacher output projection weight (D, M*d), or
+            :class:`~shd_plugins.core.projections.RowProjections` over all T' teacher query rows (prefix tokens
+            included) where rows go through different projections (joint attention: text and image streams).
         temperature: tau > 0.
         loss: ``'kl'`` or ``'mse'``.
         merge: ``'shd'``, ``'mean'`` or ``'select'``.
@@ -195,6 +198,7 @@ def shd_loss(
     _check_temperature(temperature)
     teacher_prefix, student_prefix = split_prefix_tokens(prefix_tokens)
     check_prefix_tokens((teacher_prefix, student_prefix), teacher_logits.shape[-1], student_logits.shape[-1])
+    teacher_out_weight = drop_prefix_rows(teacher_out_weight, teacher_prefix, teacher_logits.shape[-1])
     student_logits = student_logits[..., student_prefix:, student_prefix:]
     teacher_logits = teacher_logits[..., teacher_prefix:, teacher_prefix:]
     teacher_values = teacher_values[:, :, teacher_prefix:]

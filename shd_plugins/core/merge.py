@@ -12,15 +12,23 @@ The paper states the objective but its equation could not be read; this closed f
 description (E is a 1-D quadratic in a). The N x D products are never formed: with ``P = D V_p`` and
 ``G_pq = W_O^p W_O^q^T`` (d x d), ``<U, W> = sum((P^T Q) * G_pq)``, about one attention-times-values
 product per pair.
+
+Joint attention (SD3, Flux double-stream blocks, CogVideoX) runs one map over text and image tokens, but a query
+row's output then goes through its own stream's projection: image rows through ``to_out``, text rows through
+``to_add_out``, and SD3's last block discards the text rows' outputs. The output to keep is then, row by row,
+``sum_h A_h[i] V_h W_O^{h,s(i)}`` with the projection of row i's segment s(i); every term above is a sum over query
+rows, so it becomes the sum over segments of the row-restricted term with that segment's Gram blocks (discarded rows
+add nothing). :class:`RowProjections` describes such a layer; a plain weight is its one-segment case.
 """
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .heads import MergeSchedule, Slot, merge_schedule, num_merges
+from .projections import RowProjections, as_row_projections
 
-__all__ = ['MERGE_MODES', 'merge_heads', 'pair_alpha', 'alpha_from_terms', 'reconstruction_error']
+__all__ = ['MERGE_MODES', 'RowProjections', 'merge_heads', 'pair_alpha', 'alpha_from_terms', 'reconstruction_error']
 
 MERGE_MODES = ('shd', 'mean', 'select')
 
@@ -49,15 +57,58 @@ def pair_alpha(
     Returns:
         The weight a in [0, 1], shape (...) or (..., N) with ``per_row``.
     """
+    return alpha_from_terms(*_pair_terms(delta_vp, delta_vq, gram_pp, gram_qq, gram_pq, per_row), eps=eps)
+
+
+def _pair_terms(delta_vp, delta_vq, gram_pp, gram_qq, gram_pq, per_row: bool) -> tuple[torch.Tensor, ...]:
+    """``(|U|^2, |W|^2, <U,W>)`` of :func:`pair_alpha`'s arguments, summed over rows unless ``per_row``."""
     if per_row:
-        uu = ((delta_vp @ gram_pp) * delta_vp).sum(-1)
-        ww = ((delta_vq @ gram_qq) * delta_vq).sum(-1)
-        uw = ((delta_vp @ gram_pq) * delta_vq).sum(-1)
-    else:
-        uu = ((delta_vp.transpose(-2, -1) @ delta_vp) * gram_pp).sum((-2, -1))
-        ww = ((delta_vq.transpose(-2, -1) @ delta_vq) * gram_qq).sum((-2, -1))
-        uw = ((delta_vp.transpose(-2, -1) @ delta_vq) * gram_pq).sum((-2, -1))
-    return alpha_from_terms(uu, ww, uw, eps=eps)
+        return (((delta_vp @ gram_pp) * delta_vp).sum(-1), ((delta_vq @ gram_qq) * delta_vq).sum(-1),
+                ((delta_vp @ gram_pq) * delta_vq).sum(-1))
+    return (((delta_vp.transpose(-2, -1) @ delta_vp) * gram_pp).sum((-2, -1)),
+            ((delta_vq.transpose(-2, -1) @ delta_vq) * gram_qq).sum((-2, -1)),
+            ((delta_vp.transpose(-2, -1) @ delta_vq) * gram_pq).sum((-2, -1)))
+
+
+def _row_terms(
+        delta_vp: torch.Tensor,
+        delta_vq: torch.Tensor,
+        projections: RowProjections,
+        gram_of: Callable[[torch.Tensor], torch.Tensor],
+        columns: Sequence[tuple[slice, slice]],
+        *,
+        per_row: bool,
+        start: int = 0,
+) -> torch.Tensor:
+    """The stacked terms ``(|U|^2, |W|^2, <U,W>)`` of K pairs over a block of query rows, each row weighed with the
+    Gram blocks of its own segment's projection; rows whose outputs are discarded add nothing.
+
+    Args:
+        delta_vp, delta_vq: ``P``, ``Q`` (..., K, rows, d_p) and (..., K, rows, d_q) of the block's rows
+            [start, start + rows); (..., rows, d) with one pair.
+        projections: The projections of all query rows.
+        gram_of: A projection weight -> its ``W^T W`` (M*d, M*d) in the compute dtype.
+        columns: Each pair's ``(cols_p, cols_q)``: its groups' columns in the Gram.
+        per_row: Keep the row dimension instead of summing over it.
+        start: The block's first row.
+
+    Returns:
+        (3, ..., K[, rows]); (3, ...[, rows]) with one pair.
+    """
+    shape = delta_vp.shape[:-1] if per_row else delta_vp.shape[:-2]
+    terms = delta_vp.new_zeros((3,) + shape)
+    for rows, weight in projections.row_slices(start, start + delta_vp.shape[-2]):
+        if weight is None:
+            continue
+        gram = gram_of(weight)
+        blocks = [gram[pairs[0]] if len(pairs) == 1 else torch.stack([gram[cols] for cols in pairs]) for pairs in (
+            [(p, p) for p, _ in columns], [(q, q) for _, q in columns], columns)]  # views with one pair: no copy
+        part = torch.stack(_pair_terms(delta_vp[..., rows, :], delta_vq[..., rows, :], *blocks, per_row))
+        if per_row:
+            terms[..., rows] = part
+        else:
+            terms += part
+    return terms
 
 
 def alpha_from_terms(uu: torch.Tensor, ww: torch.Tensor, uw: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
@@ -87,7 +138,7 @@ def reconstruction_error(
 def _check_merge_inputs(
         attn: torch.Tensor,
         values: torch.Tensor | None,
-        out_weight: torch.Tensor | None,
+        out_weight: torch.Tensor | RowProjections | None,
 ) -> None:
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f'attn must be (B, M, N, N) attention maps, got shape {tuple(attn.shape)}.')
@@ -99,6 +150,18 @@ def _check_merge_inputs(
             f'values must be (B, M, N, d) = ({batch}, {heads}, {tokens}, d) to match attn '
             f'{tuple(attn.shape)}, got {tuple(values.shape)}.')
     head_dim = values.shape[-1]
+    if isinstance(out_weight, RowProjections):
+        if out_weight.tokens != tokens:
+            raise ValueError(
+                f'out_weight RowProjections cover {out_weight.tokens} query rows but the teacher maps have {tokens}: '
+                f'the segments must tile the query rows the merge sees (after prefix tokens are dropped).')
+        if out_weight.width not in (None, heads * head_dim):
+            raise ValueError(
+                f'out_weight RowProjections hold (D_s, {out_weight.width}) weights, but {heads} heads of dim '
+                f'{head_dim} need (D_s, {heads * head_dim}) output projections (nn.Linear layout).')
+        return
+    if not isinstance(out_weight, torch.Tensor):
+        raise TypeError(f'out_weight must be a torch.Tensor or RowProjections, got {type(out_weight).__name__}.')
     if out_weight.dim() != 2 or out_weight.shape[1] != heads * head_dim:
         raise ValueError(
             f'out_weight must be the (D, M*d) = (D, {heads * head_dim}) weight of the output projection '
@@ -108,7 +171,7 @@ def _check_merge_inputs(
 def merge_heads(
         attn: torch.Tensor,
         values: torch.Tensor | None,
-        out_weight: torch.Tensor | None,
+        out_weight: torch.Tensor | RowProjections | None,
         num_heads: int,
         *,
         grouping: str = 'progressive',
@@ -122,7 +185,8 @@ def merge_heads(
         attn: Row-stochastic teacher maps (B, M, N, N).
         values: Teacher per-head values (B, M, N, d); only needed for ``merge='shd'``.
         out_weight: Output-projection weight (D, M*d) as ``nn.Linear`` stores it; head h owns columns
-            ``h*d:(h+1)*d``. Only needed for ``merge='shd'``.
+            ``h*d:(h+1)*d``, or :class:`RowProjections` over the N query rows where rows go through different
+            projections (joint attention). Only needed for ``merge='shd'``.
         num_heads: Student head count N <= M.
         grouping: ``'progressive'`` or ``'balanced'`` (see :func:`shd_plugins.core.heads.merge_schedule`).
         merge: ``'shd'`` (closed-form a), ``'mean'`` (a = 0.5) or ``'select'`` (a = 1, keep the first head of
@@ -206,7 +270,7 @@ def _apply_schedule(attn: torch.Tensor, schedule: MergeSchedule, alphas: torch.T
 def _merge_computing_alphas(
         attn: torch.Tensor,
         values: torch.Tensor,
-        out_weight: torch.Tensor,
+        out_weight: torch.Tensor | RowProjections,
         schedule: MergeSchedule,
         per_row: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,15 +282,21 @@ def _merge_computing_alphas(
     compute_dtype = torch.promote_types(attn.dtype, torch.float32)
     maps = attn.to(compute_dtype)
     values = values.to(compute_dtype)
-    out_weight = out_weight.to(compute_dtype)
     batch, heads, tokens, head_dim = values.shape
-    gram = out_weight.t() @ out_weight  # (M*d, M*d); block (a, b) is W_O^a W_O^b^T
+    projections = as_row_projections(out_weight, tokens)
+    grams: dict[int, torch.Tensor] = {}
+
+    def gram_of(weight: torch.Tensor) -> torch.Tensor:  # (M*d, M*d); block (a, b) is W_O^a W_O^b^T; one per weight
+        if id(weight) not in grams:
+            weight_float = weight.to(compute_dtype)
+            grams[id(weight)] = weight_float.t() @ weight_float
+        return grams[id(weight)]
 
     def group_values(start: int, size: int) -> torch.Tensor:  # (B, N, size*d): V of the merged group
         return values[:, start:start + size].permute(0, 2, 1, 3).reshape(batch, tokens, size * head_dim)
 
-    def gram_block(start_p: int, size_p: int, start_q: int, size_q: int) -> torch.Tensor:
-        return gram[start_p * head_dim:(start_p + size_p) * head_dim, start_q * head_dim:(start_q + size_q) * head_dim]
+    def columns(start: int, size: int) -> slice:  # the group's rows/columns in the Gram
+        return slice(start * head_dim, (start + size) * head_dim)
 
     starts, sizes = list(range(heads)), [1] * heads
     all_alphas = []
@@ -241,12 +311,9 @@ def _merge_computing_alphas(
                      - _take(maps, 1, [pairs[k][1] for k in members]))  # (B, K, N, N)
             values_p = torch.stack([group_values(starts[pairs[k][0]], size_p) for k in members], dim=1)
             values_q = torch.stack([group_values(starts[pairs[k][1]], size_q) for k in members], dim=1)
-            blocks = [(starts[pairs[k][0]], starts[pairs[k][1]]) for k in members]
-            gram_pp = torch.stack([gram_block(sp, size_p, sp, size_p) for sp, _ in blocks])
-            gram_qq = torch.stack([gram_block(sq, size_q, sq, size_q) for _, sq in blocks])
-            gram_pq = torch.stack([gram_block(sp, size_p, sq, size_q) for sp, sq in blocks])
-            round_alpha[:, members] = pair_alpha(
-                delta @ values_p, delta @ values_q, gram_pp, gram_qq, gram_pq, per_row=per_row)
+            cols = [(columns(starts[pairs[k][0]], size_p), columns(starts[pairs[k][1]], size_q)) for k in members]
+            round_alpha[:, members] = alpha_from_terms(
+                *_row_terms(delta @ values_p, delta @ values_q, projections, gram_of, cols, per_row=per_row))
         all_alphas.append(round_alpha)
         maps = _mix_round(maps, round_slots, round_alpha)
         starts = [starts[slot[0]] for slot in round_slots]

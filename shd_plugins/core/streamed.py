@@ -6,8 +6,11 @@ Every quantity SHD needs is a sum over query rows, so this module walks the rows
 
 - Merge weights: a pair's closed-form weight needs ``<U, U>``, ``<W, W>`` and ``<U, W>`` (see
   :mod:`~shd_plugins.core.merge`), each a sum over rows of the block's ``(A_p - A_q) V`` products, so they are
-  accumulated block by block. Round r of a multi-round schedule mixes maps with the weights of rounds < r, so
-  per-map weights take one pass per round; ``per_row`` weights depend only on their row and take one pass.
+  accumulated block by block. Where rows go through different output projections (joint attention,
+  :class:`~shd_plugins.core.projections.RowProjections`) a block is cut at the segment boundaries it spans and
+  each piece is weighed with its own projection's Gram blocks. Round r of a multi-round schedule mixes maps with
+  the weights of rounds < r, so per-map weights take one pass per round; ``per_row`` weights depend only on their
+  row and take one pass.
 - The loss: each block's merged targets and student log-softmax come from q and k, and the block's gradient to the
   student scores has a closed form (``tau (S - T)`` for the KL), so the gradients to q and k are computed with the
   value, block by block, and autograd keeps only them (O(T d)): no recomputation in the backward, no N x N
@@ -37,8 +40,9 @@ from .losses import (
     prepare_masks,
     split_prefix_tokens,
 )
-from .merge import MERGE_MODES, _apply_schedule, _check_merge_inputs, _mix_round, alpha_from_terms, pair_alpha
+from .merge import MERGE_MODES, _apply_schedule, _check_merge_inputs, _mix_round, _row_terms, alpha_from_terms
 from .precision import without_autocast
+from .projections import RowProjections, as_row_projections, drop_prefix_rows
 
 __all__ = ['streamed_shd_loss', 'default_block_rows']
 
@@ -47,6 +51,7 @@ _logger = logging.getLogger(__name__)
 # Elements of one (B, H, rows, T) block tensor: 2^24 float32 = 64 MiB; a block step holds a handful of them.
 _BLOCK_ELEMENTS = 2 ** 24
 # id(output-projection weight) -> (weakref, (version, dtype, device), W_O^T W_O); an entry goes with its weight.
+# One entry per distinct weight tensor: joint attention's RowProjections hold two (to_out and to_add_out).
 _GRAM_CACHE: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 
@@ -68,30 +73,29 @@ def _scores_view(batch: int, heads: int, tokens: int, like: torch.Tensor) -> tor
 
 
 class _Teacher:
-    """The teacher side in float32: scaled q, k, v, the output Gram matrix, masks; block maps on demand."""
+    """The teacher side in float32: scaled q, k, v, the output Gram matrices, masks; block maps on demand."""
 
     def __init__(self, q, k, v, out_weight, scale, key_mask, query_mask):
         dtype = torch.promote_types(q.dtype, torch.float32)
         self.q = q.detach().to(dtype) * scale  # scale the (T x d) side, as CapturedAttention.logits does
         self.k = k.detach().to(dtype)
         self.v = None if v is None else v.detach().to(dtype)
-        self.out_weight = None if out_weight is None else out_weight.detach().to(dtype)
-        self._source_weight = out_weight
+        # The caller's weight tensors themselves (not detached copies): the Gram cache is keyed by them.
+        self.projections = None if out_weight is None else as_row_projections(out_weight, q.shape[2])
         self.key_mask, self.query_mask = key_mask, query_mask
 
-    @property
-    def gram(self) -> torch.Tensor:
-        """``W_O^T W_O`` (M*d, M*d); block (a, b) is ``W_O^a W_O^b^T``.
+    def gram(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W_O^T W_O`` (M*d, M*d) of one output-projection weight; block (a, b) is ``W_O^a W_O^b^T``.
 
         The teacher is frozen, so the product (a (M d)^3 matmul: 3 GFLOP per DiT-XL layer, per step) is kept per
         weight tensor and recomputed only when the weight changes in place (its version counter moves).
         """
-        weight = self._source_weight
-        key = (weight._version, self.out_weight.dtype, weight.device)
+        key = (weight._version, self.q.dtype, weight.device)
         cached = _GRAM_CACHE.get(id(weight))
         if cached is None or cached[0]() is not weight or cached[1] != key:
             ref = weakref.ref(weight, lambda _, index=id(weight): _GRAM_CACHE.pop(index, None))
-            cached = (ref, key, self.out_weight.t() @ self.out_weight)
+            weight_float = weight.detach().to(self.q.dtype)
+            cached = (ref, key, weight_float.t() @ weight_float)
             _GRAM_CACHE[id(weight)] = cached
         return cached[2]
 
@@ -106,8 +110,9 @@ class _Teacher:
         maps = self.maps(rows)
         return maps if self.query_mask is None else maps * self.query_mask[:, None, rows, None]
 
-    def pair_products(self, maps, pair, starts, sizes) -> tuple[torch.Tensor, ...]:
-        """``(A_p - A_q) V_p``, ``(A_p - A_q) V_q`` and the Gram blocks of one pair of (merged) groups."""
+    def pair_terms(self, maps, rows, pair, starts, sizes, per_row) -> torch.Tensor:
+        """The stacked ``(|U|^2, |W|^2, <U,W>)`` (3, B[, rows]) of one pair of (merged) groups over the block's
+        ``rows``, from ``(A_p - A_q) V_p``, ``(A_p - A_q) V_q`` and the Gram blocks of each row's projection."""
         p, q = pair
         batch, _, tokens, head_dim = self.v.shape
         delta = maps[:, p] - maps[:, q]
@@ -118,8 +123,8 @@ class _Teacher:
             return values, slice(start * head_dim, (start + size) * head_dim)
 
         (values_p, cols_p), (values_q, cols_q) = group(p), group(q)
-        return (delta @ values_p, delta @ values_q, self.gram[cols_p, cols_p], self.gram[cols_q, cols_q],
-                self.gram[cols_p, cols_q])
+        return _row_terms(delta @ values_p, delta @ values_q, self.projections, self.gram, [(cols_p, cols_q)],
+                          per_row=per_row, start=rows.start)
 
 
 def _group_layouts(schedule: MergeSchedule, heads: int) -> list[tuple[list[int], list[int]]]:
@@ -132,14 +137,14 @@ def _group_layouts(schedule: MergeSchedule, heads: int) -> list[tuple[list[int],
     return layouts
 
 
-def _merge_block(teacher: _Teacher, maps: torch.Tensor, schedule: MergeSchedule,
+def _merge_block(teacher: _Teacher, maps: torch.Tensor, rows: slice, schedule: MergeSchedule,
                  per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge maps that hold every row a weight depends on (per-row weights, or a block of all rows), computing the
-    weights round by round as :func:`~shd_plugins.core.merge.merge_heads` does."""
+    """Merge the maps of the block ``rows`` when it holds every row a weight depends on (per-row weights, or a
+    block of all rows), computing the weights round by round as :func:`~shd_plugins.core.merge.merge_heads` does."""
     pieces = []
     for round_slots, (starts, sizes) in zip(schedule, _group_layouts(schedule, maps.shape[1])):
         pairs = [slot for slot in round_slots if len(slot) == 2]
-        round_alpha = torch.stack([pair_alpha(*teacher.pair_products(maps, pair, starts, sizes), per_row=per_row)
+        round_alpha = torch.stack([alpha_from_terms(*teacher.pair_terms(maps, rows, pair, starts, sizes, per_row))
                                    for pair in pairs], dim=1)
         pieces.append(round_alpha)
         maps = _mix_round(maps, round_slots, round_alpha)
@@ -159,10 +164,7 @@ def _compute_alphas(teacher: _Teacher, schedule: MergeSchedule, blocks: list[sli
         for rows in blocks:
             maps = _apply_schedule(teacher.weight_maps(rows), schedule[:r], alphas[:, :offset])
             for i, pair in enumerate(pairs):
-                p_prod, q_prod, gram_pp, gram_qq, gram_pq = teacher.pair_products(maps, pair, starts, sizes)
-                terms[0, :, i] += ((p_prod.transpose(-2, -1) @ p_prod) * gram_pp).sum((-2, -1))
-                terms[1, :, i] += ((q_prod.transpose(-2, -1) @ q_prod) * gram_qq).sum((-2, -1))
-                terms[2, :, i] += ((p_prod.transpose(-2, -1) @ q_prod) * gram_pq).sum((-2, -1))
+                terms[:, :, i] += teacher.pair_terms(maps, rows, pair, starts, sizes, per_row=False)
         alphas[:, offset:offset + len(pairs)] = alpha_from_terms(*terms)
         offset += len(pairs)
     return alphas
@@ -218,7 +220,7 @@ def streamed_shd_loss(
         teacher_q: torch.Tensor,
         teacher_k: torch.Tensor,
         teacher_values: torch.Tensor | None,
-        teacher_out_weight: torch.Tensor | None,
+        teacher_out_weight: torch.Tensor | RowProjections | None,
         teacher_scale: float,
         *,
         temperature: float = 1.0,
@@ -242,7 +244,8 @@ def streamed_shd_loss(
         student_scale: The student's score scale (usually ``d_s ** -0.5``).
         teacher_q, teacher_k: Teacher per-head queries and keys (B, M, T', d); no gradient.
         teacher_values: Teacher per-head values (B, M, T', d); only ``merge='shd'`` needs them.
-        teacher_out_weight: Teacher output projection weight (D, M*d); only ``merge='shd'`` needs it.
+        teacher_out_weight: Teacher output projection weight (D, M*d), or RowProjections over the T' teacher query
+            rows (joint attention); only ``merge='shd'`` needs it.
         teacher_scale: The teacher's score scale.
         temperature, loss, merge, grouping, per_row, query_mask, key_mask, prefix_tokens, return_alphas: As in
             :func:`~shd_plugins.core.losses.shd_loss`.
@@ -260,6 +263,7 @@ def streamed_shd_loss(
     _check_qk('teacher', teacher_q, teacher_k)
     teacher_prefix, student_prefix = split_prefix_tokens(prefix_tokens)
     check_prefix_tokens((teacher_prefix, student_prefix), teacher_q.shape[-2], student_q.shape[-2])
+    teacher_out_weight = drop_prefix_rows(teacher_out_weight, teacher_prefix, teacher_q.shape[-2])
     student_q, student_k = student_q[:, :, student_prefix:], student_k[:, :, student_prefix:]
     teacher_q, teacher_k = teacher_q[:, :, teacher_prefix:], teacher_k[:, :, teacher_prefix:]
     if teacher_values is not None:
@@ -296,7 +300,7 @@ def streamed_shd_loss(
         grad_q, grad_k = torch.zeros_like(scaled_q), torch.zeros_like(student_k_float)
         for rows in blocks:
             if merge_in_blocks:
-                merged, block_alphas = _merge_block(teacher, teacher.weight_maps(rows), schedule, per_row)
+                merged, block_alphas = _merge_block(teacher, teacher.weight_maps(rows), rows, schedule, per_row)
                 if per_row:
                     alphas[..., rows] = block_alphas
                 else:
@@ -307,7 +311,8 @@ def streamed_shd_loss(
             target = merged if reuse else _apply_schedule(teacher.maps(rows, temperature), schedule, block_alphas)
             block_q = scaled_q[:, :, rows]
             value, grad_scores = _block_loss_and_grad(
-                target, block_q @ student_k_float.transpose(-2, -1), key_mask, row_weight, temperature, loss)
+                target, block_q @ student_k_float.transpose(-2, -1), key_mask,
+                None if row_weight is None else row_weight[:, rows], temperature, loss)
             total += value
             if needs_grad:  # e.g. a loss logged under no_grad skips the two gradient products
                 grad_q[:, :, rows] = grad_scores @ student_k_float
