@@ -37,6 +37,10 @@ class RowProjections:
     segments: tuple[tuple[int, int, torch.Tensor | None], ...]
     tokens: int
 
+    def __repr__(self) -> str:
+        pieces = ', '.join(f'[{a}, {b}): {None if w is None else tuple(w.shape)}' for a, b, w in self.segments)
+        return f'RowProjections({pieces}; tokens={self.tokens})'
+
     def __post_init__(self) -> None:
         segments = tuple(tuple(segment) for segment in self.segments)
         object.__setattr__(self, 'segments', segments)
