@@ -241,3 +241,17 @@ def test_resume_position_of_timm_and_step_exact_checkpoints(tmp_path):
     summary.write_text('epoch,train_loss\n0,1.0\n1,0.9\n2,0.8\n')
     truncate_summary(summary, start_epoch=2)
     assert summary.read_text().split() == ['epoch,train_loss', '0,1.0', '1,0.9']
+
+
+@pytest.mark.slow
+def test_token_distillation_logs_timm_distill_loss(digits_imagefolder, teacher_checkpoint, tmp_path):
+    """timm's token task returns 'distill_loss' (not 'kd_loss'): the epoch summary must carry it."""
+    output = tmp_path / 'token'
+    args = train_args(digits_imagefolder, output, teacher_checkpoint, '--epochs', '1', '-b', '128',
+                      '--recovery-interval', '0', '--kd-distill-type', 'token',
+                      '--model', 'deit_tiny_distilled_patch16_224')
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    row = summary_rows(output)[0]
+    assert float(row['train_distill_loss']) > 0 and float(row['train_task_loss']) > 0
+    assert 'train_shd_loss' not in row and 'train_kd_loss' not in row

@@ -38,7 +38,7 @@ from .data import per_channel
 
 __all__ = [
     'SHDDistillationTask', 'create_distillation_teacher', 'create_distillation_task', 'teacher_from_checkpoint',
-    'add_shd_args', 'KD_DISTILL_TYPES',
+    'add_shd_args', 'match_normalization', 'KD_DISTILL_TYPES',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -257,7 +257,6 @@ class SHDDistillationTask(LogitDistillationTask):
             verbose: bool = True,
     ):
         student = unwrap_model(student_model)
-        in_chans = getattr(student, 'in_chans', None)
         if teacher_model is None or isinstance(teacher_model, str):
             teacher_model = _teacher_for(
                 student, teacher_model, pretrained_path=teacher_pretrained_path, model_kwargs=teacher_model_kwargs,
@@ -276,34 +275,13 @@ class SHDDistillationTask(LogitDistillationTask):
             dtype=dtype,
             verbose=verbose,
         )
-        self._match_normalization(student, in_chans, input_mean, input_std)
+        match_normalization(self, student, input_mean, input_std)
 
         self.shd = shd if shd is not None else SHDConfig()
         self.distiller = SHDDistiller(self.teacher.model, student, self.shd) if self.shd.enabled else None
         if self.verbose:
             pairs = self.distiller.layer_pairs if self.distiller is not None else 'none (weight 0: SHD off)'
             _logger.info(f'SHDDistillationTask: {self.shd}, layer pairs (teacher, student)={pairs}')
-
-    def _match_normalization(
-            self,
-            student: nn.Module,
-            in_chans: int | None,
-            input_mean: Sequence[float] | None,
-            input_std: Sequence[float] | None,
-    ) -> None:
-        """Size the student/teacher mean/std buffers for the real channel count (and the loader's override)."""
-        teacher = unwrap_model(self.teacher.model)
-        teacher_chans = getattr(teacher, 'in_chans', in_chans)
-        if in_chans is not None and teacher_chans != in_chans:
-            raise ValueError(
-                f'The teacher takes {teacher_chans} input channels but the student {in_chans}: both must see the '
-                f'same images. Create the teacher with in_chans={in_chans}.')
-        for name, override in (('student_mean', input_mean), ('student_std', input_std)):
-            values = override if override is not None else getattr(self, name)
-            setattr(self, name, per_channel(values, in_chans).to(device=self.device, dtype=self.dtype))
-        for name in ('mean_kd', 'std_kd'):
-            buffer = getattr(self.teacher, name)
-            setattr(self.teacher, name, per_channel(buffer, teacher_chans).to(buffer))
 
     @classmethod
     def from_args(
@@ -364,6 +342,34 @@ class SHDDistillationTask(LogitDistillationTask):
             self.distiller.remove()
 
 
+def match_normalization(
+        task: TrainingTask,
+        student: nn.Module,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+) -> None:
+    """Size a distillation task's student/teacher mean/std buffers for the real channel count (and the loader's
+    override).
+
+    timm's tasks take both from the models' pretrained configs, which say 3 channels even for a 1-channel model,
+    so the teacher would be fed a 3-channel re-normalised input. Every task of :func:`create_distillation_task`
+    passes through here.
+    """
+    in_chans = getattr(student, 'in_chans', None)
+    teacher = unwrap_model(task.teacher.model)
+    teacher_chans = getattr(teacher, 'in_chans', in_chans)
+    if in_chans is not None and teacher_chans != in_chans:
+        raise ValueError(
+            f'The teacher takes {teacher_chans} input channels but the student {in_chans}: both must see the '
+            f'same images. Create the teacher with in_chans={in_chans}.')
+    for name, override in (('student_mean', input_mean), ('student_std', input_std)):
+        values = override if override is not None else getattr(task, name)
+        setattr(task, name, per_channel(values, in_chans).to(device=task.device, dtype=task.dtype))
+    for name in ('mean_kd', 'std_kd'):
+        buffer = getattr(task.teacher, name)
+        setattr(task.teacher, name, per_channel(buffer, teacher_chans).to(buffer))
+
+
 def create_distillation_task(
         args: argparse.Namespace,
         model: nn.Module,
@@ -397,14 +403,17 @@ def create_distillation_task(
         device=device, dtype=dtype)
     weights = dict(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight)
     if distill_type == 'logit':
-        return LogitDistillationTask(model, teacher, loss_type=getattr(args, 'kd_loss_type', 'kl'),
+        task = LogitDistillationTask(model, teacher, loss_type=getattr(args, 'kd_loss_type', 'kl'),
                                      temperature=args.kd_temperature, **weights, **common)
-    if distill_type == 'feature':
-        return FeatureDistillationTask(
+    elif distill_type == 'feature':
+        task = FeatureDistillationTask(
             model, teacher, student_feature_dim=args.kd_student_feature_dim,
             teacher_feature_dim=args.kd_teacher_feature_dim, **weights, **common)
-    return TokenDistillationTask(model, teacher, distill_type=args.kd_token_distill_type,
-                                 temperature=args.kd_temperature, **weights, **common)
+    else:
+        task = TokenDistillationTask(model, teacher, distill_type=args.kd_token_distill_type,
+                                     temperature=args.kd_temperature, **weights, **common)
+    match_normalization(task, unwrap_model(model), getattr(args, 'mean', None), getattr(args, 'std', None))
+    return task
 
 
 def add_shd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

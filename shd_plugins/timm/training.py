@@ -44,7 +44,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 #: Loss components a task may return, averaged per epoch into ``summary.csv`` (``train_<key>``).
-LOSS_KEYS = ('loss', 'task_loss', 'kd_loss', 'shd_loss')
+LOSS_KEYS = ('loss', 'task_loss', 'kd_loss', 'distill_loss', 'shd_loss')  # distill_loss: timm's token task
 
 
 def create_student(args: argparse.Namespace) -> nn.Module:
