@@ -5,11 +5,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiTPipeline, PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
-from diffusers.models.transformers.transformer_flux import FluxAttention
-from timm.layers import AttentionRope
+from diffusers.models.transformers.transformer_ltx import LTXAttention
 from timm.layers.attention2d import MultiQueryAttention2d
 from timm.layers.diff_attention import DiffAttention
-from timm.models.eva import EvaAttention
 from tiny_models import dit_inputs, tiny_dit, tiny_vae, tiny_vit
 
 from shd_plugins import AttentionCapture, SHDConfig, SHDDistiller, find_attention_layers
@@ -168,12 +166,10 @@ def test_forwards_outside_recording_leave_nothing_behind():
 
 
 @pytest.mark.parametrize('module, reason', [
-    (lambda: AttentionRope(dim=16, num_heads=2), 'rotary embeddings'),
     (lambda: DiffAttention(dim=16, num_heads=2), 'differential attention'),
-    (lambda: EvaAttention(dim=16, num_heads=2, scale_norm=False), 'EVA attention applies rotary embeddings'),
     (lambda: MultiQueryAttention2d(dim=16, num_heads=2), 'multi-query attention shares k/v across heads'),
     (lambda: Attention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=12), r'joint attention \(SD3/Flux style\)'),
-    (lambda: FluxAttention(query_dim=16, heads=2, dim_head=8), 'FluxAttention is a diffusers attention class not yet'),
+    (lambda: LTXAttention(16, heads=2, kv_heads=2, dim_head=8), 'LTXAttention is a diffusers attention class not yet'),
 ])
 def test_unsupported_attention_is_refused_with_the_reason(module, reason):
     model = torch.nn.Sequential(torch.nn.Identity(), module())

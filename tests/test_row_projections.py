@@ -5,7 +5,7 @@ import torch
 from test_streamed import assert_agree, both, layer_pair, logits
 
 from shd_plugins.core import RowProjections, merge_heads, shd_loss, streamed_shd_loss
-from shd_plugins.core.streamed import _GRAM_CACHE
+from shd_plugins.core.streamed import _GRAM_CACHE, _gram_index
 
 BATCH, HEADS, TOKENS, HEAD_DIM, TEXT = 2, 4, 7, 3, 3  # rows [0, 3) text, [3, 7) image
 
@@ -148,13 +148,14 @@ def test_streamed_keeps_one_gram_per_weight_and_saves_no_n_by_n_tensor():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         streamed_shd_loss(*args, block_rows=3)
     assert max(saved) <= 2 * 3 * 10 * 5  # the gradients of q and k, nothing (T x T)
-    grams = [_GRAM_CACHE[id(weight)][2] for weight in weights]
+    grams = [_GRAM_CACHE[_gram_index(weight)[1]][2] for weight in weights]
     streamed_shd_loss(*args, block_rows=3)
-    assert all(_GRAM_CACHE[id(weight)][2] is gram for weight, gram in zip(weights, grams))
+    assert all(_GRAM_CACHE[_gram_index(weight)[1]][2] is gram for weight, gram in zip(weights, grams))
     with torch.no_grad():  # an in-place change of one weight is seen, the other's Gram is kept
         weights[0].mul_(2.0)
     assert_agree(*both(teacher, student, block_rows=3, prefix_tokens=1))
-    assert _GRAM_CACHE[id(weights[0])][2] is not grams[0] and _GRAM_CACHE[id(weights[1])][2] is grams[1]
+    now = [_GRAM_CACHE[_gram_index(weight)[1]][2] for weight in weights]
+    assert now[0] is not grams[0] and now[1] is grams[1]
 
 
 def test_take_and_drop_leading_renumber_rows():
@@ -217,3 +218,20 @@ def test_wrong_token_count_and_width_are_named_alike_by_dense_and_streamed():
                                            teacher['v'], teacher['w'], teacher['scale'], prefix_tokens=1)):
         with pytest.raises(ValueError, match=r'cover 9 query rows but the teacher maps have 10 \(before dropping 1'):
             call()
+
+
+def test_the_gram_of_a_fresh_view_of_a_weight_is_cached_with_its_base():
+    """Flux single-stream blocks hand a new view ``proj_out.weight[:, :inner]`` at every step."""
+    teacher, student = joint_teacher('projected')
+    base = torch.randn(6, 2 * teacher['w'].width)
+    args = (student['q'], student['k'], student['scale'], teacher['q'], teacher['k'], teacher['v'])
+
+    def run():
+        view = base[:, :teacher['w'].width]
+        streamed_shd_loss(*args, view, teacher['scale'])
+        return _GRAM_CACHE[_gram_index(view)[1]][2]
+    first = run()
+    assert run() is first
+    with torch.no_grad():
+        base.mul_(2.0)  # a change of the base moves the view's version too
+    assert run() is not first

@@ -3,6 +3,7 @@
 Importing this package registers the built-in adapters (timm, diffusers) without importing either framework.
 """
 from . import diffusers as _diffusers  # noqa: F401  (registers the built-in diffusers adapter and refusals)
+from . import diffusers_dispatch as _diffusers_dispatch  # noqa: F401  (Flux and Wan adapters)
 from . import timm as _timm  # noqa: F401  (registers the built-in timm adapter and refusals)
 from .capture import (
     AttentionCapture,

@@ -68,9 +68,16 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
         claimed = [a.name for a in attention_adapters() if not a.name.startswith('refused:')]
         raise ValueError(
             f'No supported attention layers found in {type(model).__name__}: SHD capture has adapters for '
-            f'{claimed} (timm Attention of the VisionTransformer family, diffusers Attention self-attention of '
-            f'DiT/PixArt). Register an adapter for other attention with register_attention_adapter.')
+            f'{claimed} (timm Attention, AttentionRope and EvaAttention of the VisionTransformer and EVA families; '
+            f'diffusers DiT, PixArt, SD3/SD3.5, Flux, HunyuanDiT, CogVideoX and Wan attention). Register an adapter '
+            f'for other attention with register_attention_adapter.')
     return layers
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """The same elements of the same storage (two views of one weight slice, as Flux single blocks give)."""
+    return a is b or (a is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                       and a.stride() == b.stride() and a.dtype == b.dtype)
 
 
 @dataclass
@@ -123,7 +130,7 @@ class CapturedAttention:
 
     def projections(self) -> torch.Tensor | Any | None:
         """The output projection(s) the merge weights need: one weight, or per-stream rows for joint attention."""
-        if self.out_weight is None or self.text is None or self.text_out_weight is self.out_weight:
+        if self.out_weight is None or self.text is None or _same_tensor(self.text_out_weight, self.out_weight):
             return self.out_weight
         from ..core import RowProjections
         text_start, text_stop = self.text.start, self.text.stop

@@ -50,7 +50,8 @@ _logger = logging.getLogger(__name__)
 
 # Elements of one (B, H, rows, T) block tensor: 2^24 float32 = 64 MiB; a block step holds a handful of them.
 _BLOCK_ELEMENTS = 2 ** 24
-# id(output-projection weight) -> (weakref, (version, dtype, device), W_O^T W_O); an entry goes with its weight.
+# (id of the weight or of its base, offset, shape, stride) -> (weakref to that tensor, (version, dtype, device),
+# W_O^T W_O); an entry goes with its tensor.
 # One entry per distinct weight tensor: joint attention's RowProjections hold two (to_out and to_add_out).
 _GRAM_CACHE: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
@@ -72,6 +73,12 @@ def _scores_view(batch: int, heads: int, tokens: int, like: torch.Tensor) -> tor
     return like.new_zeros(()).expand(batch, heads, tokens, tokens)
 
 
+def _gram_index(weight: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The tensor a Gram cache entry lives with (a view's base) and the entry's key."""
+    source = weight if weight._base is None else weight._base
+    return source, (id(source), weight.storage_offset(), tuple(weight.shape), weight.stride())
+
+
 class _Teacher:
     """The teacher side in float32: scaled q, k, v, the output Gram matrices, masks; block maps on demand."""
 
@@ -88,15 +95,18 @@ class _Teacher:
         """``W_O^T W_O`` (M*d, M*d) of one output-projection weight; block (a, b) is ``W_O^a W_O^b^T``.
 
         The teacher is frozen, so the product (a (M d)^3 matmul: 3 GFLOP per DiT-XL layer, per step) is kept per
-        weight tensor and recomputed only when the weight changes in place (its version counter moves).
+        weight tensor and recomputed only when the weight changes in place (its version counter moves). A view of a
+        parameter (Flux single-stream blocks give ``proj_out.weight[:, :inner]``, a new view at every step) is kept
+        under its base parameter and its place in it, so the cache still hits.
         """
-        key = (weight._version, self.q.dtype, weight.device)
-        cached = _GRAM_CACHE.get(id(weight))
-        if cached is None or cached[0]() is not weight or cached[1] != key:
-            ref = weakref.ref(weight, lambda _, index=id(weight): _GRAM_CACHE.pop(index, None))
+        source, index = _gram_index(weight)
+        key = (weight._version, self.q.dtype, weight.device)  # a view shares its base's version counter
+        cached = _GRAM_CACHE.get(index)
+        if cached is None or cached[0]() is not source or cached[1] != key:
+            ref = weakref.ref(source, lambda _, index=index: _GRAM_CACHE.pop(index, None))
             weight_float = weight.detach().to(self.q.dtype)
             cached = (ref, key, weight_float.t() @ weight_float)
-            _GRAM_CACHE[id(weight)] = cached
+            _GRAM_CACHE[index] = cached
         return cached[2]
 
     def maps(self, rows: slice, temperature: float = 1.0) -> torch.Tensor:
