@@ -205,6 +205,25 @@ def memory_of_mode(kind: str, tokens: int, mode: str, args, device: torch.device
     return sum(saved.values()) / 2 ** 20
 
 
+def flops_of_mode(kind: str, tokens: int, mode: str, args, device: torch.device) -> float:
+    """Matmul/attention GFLOP of one step of a mode (``torch.utils.flop_counter``: elementwise work not counted).
+
+    Why: the ratio of these between modes is the floor the step-time ratio cannot go below where the step is
+    matmul-bound; the step-time ratio minus it is what the loss's elementwise passes (softmax, merge, KL) cost.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    teacher, student = build_models(kind, tokens, device, args.depth_divisor)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    batch = make_batch(kind, tokens, batch_size_of(kind, args), device)
+    step = make_step(kind, mode, teacher, student, optimizer, batch)
+    distiller = make_distiller(mode, teacher, student)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(distiller)
+    return counter.get_total_flops() / 1e9
+
+
 def peak_rss_of_mode(kind: str, mode: str, args) -> float:
     """Peak RSS (MiB) of a fresh CPU process over two steps of one mode (after the pair is built; Linux)."""
     command = [sys.executable, __file__, '--rss_child', kind, mode, '--depth_divisor', str(args.depth_divisor)]
@@ -246,6 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--no_time', action='store_true', help='skip the step-time measurement')
     parser.add_argument('--no_memory', action='store_true', help='skip the saved-bytes / CUDA peak measurement')
     parser.add_argument('--rss', action='store_true', help='peak RSS of a fresh process per mode (CPU)')
+    parser.add_argument('--flops', action='store_true',
+                        help='matmul GFLOP of one step per mode: the floor of the time ratios where matmuls dominate')
     parser.add_argument('--rss_child', nargs=2, metavar=('PAIR', 'MODE'), help=argparse.SUPPRESS)
     parser.add_argument('--output', type=Path, default=None, help='also write the JSON here')
     return parser.parse_args(argv)
@@ -279,6 +300,10 @@ def main(argv=None) -> dict:
             memory = {mode: memory_of_mode(kind, tokens, mode, args, device) for mode in modes}
             row.update({f'mem_mib_{m}': round(memory[m], 2) for m in modes})
             _ratios(row, 'mem', memory)
+        if args.flops:
+            flops = {mode: flops_of_mode(kind, tokens, mode, args, device) for mode in modes}
+            row.update({f'gflop_{m}': round(flops[m], 2) for m in modes})
+            _ratios(row, 'flop', flops)
         if args.rss and device.type == 'cpu' and kind in PAIRS:
             rss = {mode: peak_rss_of_mode(kind, mode, args) for mode in modes}
             row.update({f'peak_rss_mib_{m}': round(rss[m], 1) for m in modes})

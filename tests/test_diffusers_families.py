@@ -137,7 +137,7 @@ def family(request) -> Family:
     fam = request.param
     if not hasattr(diffusers, fam.cls):
         pytest.skip(f'diffusers {diffusers.__version__} has no {fam.cls} (these tests ran with diffusers '
-                    f'{tiny.TESTED_DIFFUSERS})')
+                    f'{" and ".join(tiny.TESTED_DIFFUSERS)})')
     return fam
 
 
