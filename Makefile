@@ -2,13 +2,15 @@
 #   make test   creates .venv, installs the project with its dev extra (everything + pytest, ruff), lints, runs the tests
 #   make demo   creates .venv, installs the project with its demo extra, runs the embedded default (digits) end to end;
 #               QUICK=1 for the short version
+#   make evidence  the same install, then the paired evidence of issue 13 (about an hour; writes runs/evidence/EVIDENCE.md);
+#               QUICK=1 checks its plumbing in a few minutes
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 QUICK ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install install-demo test lint demo clean
+.PHONY: install install-demo test lint demo evidence clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +37,8 @@ test: lint
 demo: install-demo
 	$(BIN)/python recipes/digits_demo.py $(if $(filter 1,$(QUICK)),--quick,)
 
+evidence: install-demo
+	$(BIN)/python recipes/evidence.py $(if $(filter 1,$(QUICK)),--quick,)
+
 clean:
-	rm -rf $(VENV) runs/demo
+	rm -rf $(VENV) runs/demo runs/evidence runs/evidence_quick

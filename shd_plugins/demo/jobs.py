@@ -21,8 +21,8 @@ from pathlib import Path
 
 __all__ = [
     'REPO', 'DONE_MARKER', 'STARTED_MARKER', 'VIT_NAME', 'VIT_TEACHER_KWARGS', 'VIT_STUDENT_KWARGS', 'VARIANTS',
-    'VARIANT_LABELS', 'MERGE_OF_VARIANT', 'Settings', 'Job', 'display_command', 'kwargs_flags', 'check_checkout',
-    'vit_jobs', 'dit_jobs', 'run_jobs',
+    'VARIANT_LABELS', 'MERGE_OF_VARIANT', 'SHD_VARIANT_OPTIONS', 'Settings', 'Job', 'display_command', 'kwargs_flags',
+    'check_checkout', 'vit_variant_flags', 'dit_variant_flags', 'vit_jobs', 'dit_jobs', 'run_jobs',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -39,8 +39,18 @@ VIT_TEACHER_KWARGS = {'patch_size': 8, 'embed_dim': 64, 'depth': 4, 'num_heads':
 VIT_STUDENT_KWARGS = {heads: {'patch_size': 8, 'embed_dim': 32, 'depth': 2, 'num_heads': heads} for heads in (2, 4)}
 VARIANTS = ('none', 'kd', 'kd_shd', 'kd_mean', 'kd_select')
 VARIANT_LABELS = {'none': 'no distillation', 'kd': 'KD (logits / outputs)', 'kd_shd': 'KD + SHD',
-                  'kd_mean': 'KD + mean-merge (ablation)', 'kd_select': 'KD + head-select (ablation)'}
+                  'kd_mean': 'KD + mean-merge (ablation)', 'kd_select': 'KD + head-select (ablation)',
+                  # the further variants of ``make evidence`` (shd_plugins.evidence)
+                  'kd_shd_per_row': 'KD + SHD, per-row weights', 'kd_shd_balanced': 'KD + SHD, balanced grouping',
+                  'kd_shd_mse': 'KD + SHD, MSE map loss', 'feature': 'feature alignment (timm, projector)'}
 MERGE_OF_VARIANT = {'kd_shd': 'shd', 'kd_mean': 'mean', 'kd_select': 'select'}
+#: The SHD options of every KD + SHD variant, beyond the merge: rendered as the recipes' ``--shd-*`` flags.
+SHD_VARIANT_OPTIONS: dict[str, dict[str, object]] = {
+    **{variant: {'merge': merge} for variant, merge in MERGE_OF_VARIANT.items()},
+    'kd_shd_per_row': {'merge': 'shd', 'per_row': True},
+    'kd_shd_balanced': {'merge': 'shd', 'grouping': 'balanced'},
+    'kd_shd_mse': {'merge': 'shd', 'loss': 'mse'},
+}
 
 
 @dataclass
@@ -111,6 +121,56 @@ def check_checkout() -> None:
             f"{', '.join(missing)}: clone the repository and install it editable (pip install -e '.[demo]').")
 
 
+def _shd_option_flags(variant: str, dash: str) -> list[str]:
+    """``--shd-per-row``/``--shd-grouping``/``--shd-loss`` words of a KD + SHD variant (``dash``: '-' or '_')."""
+    options = SHD_VARIANT_OPTIONS[variant]
+    flags = [f'--shd{dash}per{dash}row'] if options.get('per_row') else []
+    for option in ('grouping', 'loss'):
+        if option in options:
+            flags += [f'--shd{dash}{option}', str(options[option])]
+    return flags
+
+
+def vit_variant_flags(variant: str, teacher_ckpt: Path, shd_weight: float,
+                      teacher_kwargs: Mapping[str, object] | None = None) -> list[str]:
+    """The ``recipes/train_timm.py`` words that make a student run ``variant`` (none for no distillation).
+
+    ``teacher_kwargs`` adds ``--kd-model-kwargs`` (the config's teacher kwargs are the 16-token teacher's).
+
+    Raises:
+        ValueError: An unknown variant.
+    """
+    if variant == 'none':
+        return []
+    if variant not in VARIANT_LABELS:
+        raise ValueError(f"Unknown variant '{variant}'; choose one of {', '.join(VARIANT_LABELS)}.")
+    flags = ['--kd-model-name', VIT_NAME, '--kd-checkpoint', str(teacher_ckpt)]
+    if teacher_kwargs is not None:
+        flags += ['--kd-model-kwargs', *kwargs_flags(teacher_kwargs)]
+    if variant in ('kd', 'feature'):
+        return flags + ['--kd-distill-type', 'logit' if variant == 'kd' else 'feature']
+    return flags + ['--kd-distill-type', 'shd', '--shd-merge', str(SHD_VARIANT_OPTIONS[variant]['merge']),
+                    '--shd-weight', str(shd_weight)] + _shd_option_flags(variant, '-')
+
+
+def dit_variant_flags(variant: str, teacher_dir: Path, shd_weight: float, output_kd_weight: float = 1.0) -> list[str]:
+    """The ``recipes/train_dit.py`` words that make a student run ``variant`` (none for no distillation).
+
+    Raises:
+        ValueError: An unknown variant, or one the DiT recipe has no counterpart of (``feature``).
+    """
+    if variant == 'none':
+        return []
+    if variant not in SHD_VARIANT_OPTIONS and variant != 'kd':
+        raise ValueError(f"Variant '{variant}' has no DiT counterpart; choose one of none, kd, "
+                         f"{', '.join(SHD_VARIANT_OPTIONS)}.")
+    flags = ['--shd_teacher_model_name_or_path', str(teacher_dir), '--output_kd_weight', str(output_kd_weight),
+             '--shd_weight', '0' if variant == 'kd' else str(shd_weight)]
+    if variant == 'kd':
+        return flags
+    return flags + ['--shd_merge', str(SHD_VARIANT_OPTIONS[variant]['merge'])] + _shd_option_flags(variant, '_')
+
+
 def vit_jobs(out: Path, data: Path, s: Settings) -> list[Job]:
     """The ViT teacher, every student (heads x variants x seeds) and a top-1 evaluation of each."""
     config = REPO / 'recipes/configs/digits_vit.yaml'
@@ -127,13 +187,7 @@ def vit_jobs(out: Path, data: Path, s: Settings) -> list[Job]:
                 run_dir = out / 'vit' / f'h{heads}_{variant}_s{seed}'
                 command = train + ['--model-kwargs', *kwargs_flags(VIT_STUDENT_KWARGS[heads]), '--epochs',
                                    str(s.vit_student_epochs), '--seed', str(seed), '--output', str(run_dir)]
-                if variant != 'none':
-                    command += ['--kd-model-name', VIT_NAME, '--kd-checkpoint', str(teacher_ckpt)]
-                    if variant == 'kd':
-                        command += ['--kd-distill-type', 'logit']
-                    else:
-                        command += ['--kd-distill-type', 'shd', '--shd-merge', MERGE_OF_VARIANT[variant],
-                                    '--shd-weight', str(s.vit_shd_weight)]
+                command += vit_variant_flags(variant, teacher_ckpt, s.vit_shd_weight)
                 jobs.append(Job(f'vit/h{heads}_{variant}_s{seed}', command, run_dir, deps=['vit/teacher'],
                                 resume_args=resume, info={'kind': 'vit', 'role': 'student', 'heads': heads,
                                                           'variant': variant, 'seed': seed}))
@@ -168,11 +222,7 @@ def dit_jobs(out: Path, data: Path, s: Settings) -> list[Job]:
             run_dir = out / 'dit' / f'h{heads}_{variant}'
             command = train + ['--model_config', str(configs / f'digits_dit_student_h{heads}.json'), '--seed', '0',
                                '--max_train_steps', str(s.dit_student_steps), '--output_dir', str(run_dir)]
-            if variant != 'none':
-                command += ['--shd_teacher_model_name_or_path', str(teacher_dir), '--output_kd_weight', '1.0',
-                            '--shd_weight', '0' if variant == 'kd' else str(s.dit_shd_weight)]
-                if variant != 'kd':
-                    command += ['--shd_merge', MERGE_OF_VARIANT[variant]]
+            command += dit_variant_flags(variant, teacher_dir, s.dit_shd_weight)
             jobs.append(Job(f'dit/h{heads}_{variant}', command, run_dir, deps=['dit/teacher'], resume_args=resume,
                             info={'kind': 'dit', 'role': 'student', 'heads': heads, 'variant': variant, 'seed': 0}))
     for job in list(jobs):
@@ -207,8 +257,10 @@ def _start(job: Job, env: Mapping[str, str]) -> tuple[subprocess.Popen, float, o
     return process, time.time(), log, resuming
 
 
-def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
+def run_jobs(jobs: list[Job], workers: int, tag: str = 'demo') -> dict[str, float]:
     """Run jobs respecting dependencies, ``workers`` at a time; returns wall seconds per job (cached: marker's).
+
+    Each start and finish is logged as ``[tag] start|resume|done name (finished/total)``.
 
     Raises:
         RuntimeError: A job exited non-zero; the others are stopped and the message ends with its log's tail.
@@ -221,7 +273,7 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
     running: dict[str, tuple] = {}
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONPATH': str(REPO),
            'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
-    bar = tqdm(total=len(jobs), desc='demo', unit='run', dynamic_ncols=True)
+    bar = tqdm(total=len(jobs), desc=tag, unit='run', dynamic_ncols=True)
     while pending or running:
         for job in list(pending):
             if len(running) >= workers:
@@ -236,7 +288,7 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
                 continue
             process, start, log, resuming = _start(job, env)
             running[job.name] = (process, start, log)
-            tqdm.write(f"[demo] {'resume' if resuming else 'start '} {job.name}")
+            tqdm.write(f"[{tag}] {'resume' if resuming else 'start '} {job.name} ({len(seconds)}/{len(jobs)} done)")
         for name, (process, start, log) in list(running.items()):
             if process.poll() is None:
                 continue
@@ -251,7 +303,7 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
             seconds[name] = time.time() - start
             job.marker().write_text(json.dumps({'command': display_command(job.command), 'seconds': seconds[name]}))
             bar.update(1)
-            tqdm.write(f'[demo] done  {name} in {seconds[name]:.0f}s')
+            tqdm.write(f'[{tag}] done  {name} in {seconds[name]:.0f}s ({len(seconds)}/{len(jobs)} done)')
         time.sleep(0.2)
     bar.close()
     return seconds
