@@ -47,7 +47,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm import utils
-from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 
@@ -55,6 +54,7 @@ from shd_plugins.cli import user_errors
 from shd_plugins.timm import (
     ResumableSampler,
     TrainStateSaver,
+    create_task_optimizer,
     parse_train_args,
     read_checkpoint_metadata,
     resolve_amp,
@@ -105,7 +105,7 @@ def train(
     updates_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps)
     global_batch = args.batch_size * args.world_size
     resolve_lr(args)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    optimizer = create_task_optimizer(task, args)  # the student, plus e.g. the feature task's projector
     amp_autocast, loss_scaler = resolve_amp(args, device)
 
     resume = None

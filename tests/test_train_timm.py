@@ -255,3 +255,24 @@ def test_token_distillation_logs_timm_distill_loss(digits_imagefolder, teacher_c
     row = summary_rows(output)[0]
     assert float(row['train_distill_loss']) > 0 and float(row['train_task_loss']) > 0
     assert 'train_shd_loss' not in row and 'train_kd_loss' not in row
+
+
+def test_the_optimizer_covers_the_feature_task_projector(digits_imagefolder, teacher_checkpoint, tmp_path):
+    """timm's feature task keeps its projector in task.trainable_module: the recipe's optimizer must cover it, as
+    timm's train.py does (an optimizer over the student alone left the projector at its initialisation)."""
+    from shd_plugins.timm import create_task_optimizer, parse_train_args
+    from shd_plugins.timm.training import create_task
+
+    argv = train_args(digits_imagefolder, tmp_path / 'feature', teacher_checkpoint, '--kd-distill-type', 'feature')[1:]
+    args, _ = parse_train_args(argv)
+    args.rank, args.world_size, args.distributed = 0, 1, False  # as after utils.init_distributed_device
+    model = timm.create_model(MODEL, num_classes=10, in_chans=1, img_size=32, **STUDENT)
+    task = create_task(args, model, {}, torch.device('cpu'))
+    optimized = {id(p) for group in create_task_optimizer(task, args).param_groups for p in group['params']}
+    projector = list(task.trainable_module.projection.parameters())
+    assert projector and all(id(p) in optimized for p in projector)
+    assert all(id(p) in optimized for p in model.parameters())
+    args.kd_distill_type = 'logit'
+    logit = create_task(args, model, {}, torch.device('cpu'))
+    optimized = [p for group in create_task_optimizer(logit, args).param_groups for p in group['params']]
+    assert sorted(map(id, optimized)) == sorted(map(id, model.parameters()))  # the student, as before

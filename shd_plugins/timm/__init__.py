@@ -37,6 +37,7 @@ from .training import (
     LOSS_KEYS,
     create_student,
     create_task,
+    create_task_optimizer,
     reduce_sums,
     resolve_amp,
     resolve_lr,
@@ -47,7 +48,7 @@ from .training import (
 
 __all__ = [
     'add_shd_args', 'build_train_loader', 'build_train_parsers', 'check_file', 'CHECKPOINT_EXT', 'checkpoint_step',
-    'create_distillation_task', 'create_distillation_teacher', 'create_student', 'create_task',
+    'create_distillation_task', 'create_distillation_teacher', 'create_student', 'create_task', 'create_task_optimizer',
     'find_latest_checkpoint', 'KD_DISTILL_TYPES', 'LOSS_KEYS', 'parse_train_args', 'per_channel',
     'read_checkpoint_metadata', 'reduce_sums', 'resolve_amp', 'resolve_lr', 'resolve_output_dir', 'resolve_val_dir',
     'restore_rng_state', 'ResumableSampler', 'resume_position', 'ResumePosition', 'rng_state',

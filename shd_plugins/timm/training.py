@@ -21,6 +21,7 @@ import torch.nn as nn
 from timm import utils
 from timm.data import resolve_input_data_config
 from timm.models import create_model, resolve_model_input_args
+from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.task import ClassificationTask, TrainingTask
 from tqdm import tqdm
 
@@ -33,6 +34,7 @@ __all__ = [
     'LOSS_KEYS',
     'create_student',
     'create_task',
+    'create_task_optimizer',
     'resolve_amp',
     'resolve_lr',
     'reduce_sums',
@@ -80,6 +82,17 @@ def create_task(
     if args.kd_model_name is None and not args.kd_checkpoint:
         return ClassificationTask(model, **common).to(device)
     return create_distillation_task(args, model, **common).to(device)
+
+
+def create_task_optimizer(task: TrainingTask, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """timm's optimizer (``--opt``, ``--lr``, ``--weight-decay``, ...) over what the task trains.
+
+    That is the task's ``trainable_module``, as timm's ``train.py`` does: the student itself for the logit, token
+    and SHD tasks, and the student plus its projector for timm's feature task (an optimizer over the student alone
+    would leave the projector at its initialisation).
+    """
+    return create_optimizer_v2(utils.unwrap_model(task.trainable_module), **optimizer_kwargs(cfg=args),
+                               **args.opt_kwargs)
 
 
 def resolve_amp(args: argparse.Namespace, device: torch.device) -> tuple[Callable, Any]:
