@@ -1,7 +1,10 @@
 """Shared pytest fixtures: the embedded digits ImageFolder and deterministic seeding."""
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +33,13 @@ def _seed_everything() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+def run_quick(script: str, output: Path) -> subprocess.CompletedProcess:
+    """Run ``recipes/<script> --quick --output <output>`` (the demo, the evidence) and check it succeeded."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run([sys.executable, str(root / 'recipes' / script), '--quick', '--output', str(output)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

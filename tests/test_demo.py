@@ -2,24 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_quick
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ('none', 'kd', 'kd_shd', 'kd_mean', 'kd_select')
 
 
 def run_demo(output: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    result = subprocess.run([sys.executable, str(ROOT / 'recipes' / 'digits_demo.py'), '--quick', '--output',
-                             str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_quick('digits_demo.py', output)
 
 
 @pytest.mark.slow

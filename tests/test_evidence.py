@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_quick
 
 from shd_plugins.evidence.plan import (
     DIT_VARIANTS,
@@ -98,11 +97,7 @@ def test_plan_pairs_every_variant_on_the_same_seeds():
 
 
 def run_evidence(output: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    result = subprocess.run([sys.executable, str(ROOT / 'recipes' / 'evidence.py'), '--quick', '--output',
-                             str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_quick('evidence.py', output)
 
 
 @pytest.mark.slow
