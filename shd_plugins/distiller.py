@@ -102,7 +102,7 @@ class SHDDistiller:
                 t_layer.check_linear_output()
 
         self.prefix_tokens = (
-            (num_prefix_tokens(teacher), num_prefix_tokens(student)) if self.config.tokens == 'patch' else (0, 0))
+            (num_prefix_tokens(teacher), num_prefix_tokens(student)) if self.config.tokens != 'all' else (0, 0))
         self.teacher = teacher
         self.teacher_capture = AttentionCapture(teacher, [t for t, _ in self.layer_pairs], record_values=True)
         self.student_capture = AttentionCapture(student, [s for _, s in self.layer_pairs])

@@ -173,7 +173,11 @@ def test_patch_tokens_let_a_distilled_deit_teach_a_vit():
     x = torch.randn(2, 3, 32, 32)
     with SHDDistiller(teacher, student, tokens='patch') as distiller:
         assert distiller.prefix_tokens == (2, 1)
-        assert torch.isfinite(vit_step(distiller, teacher, student, x).loss)
+        patch_loss = vit_step(distiller, teacher, student, x).loss
+        assert torch.isfinite(patch_loss)
+    with SHDDistiller(teacher, student, tokens='image') as distiller:  # the same option under its diffusion name
+        assert distiller.prefix_tokens == (2, 1)
+        torch.testing.assert_close(vit_step(distiller, teacher, student, x).loss, patch_loss)
     with SHDDistiller(teacher, student, tokens='all') as distiller:
         with pytest.raises(ValueError, match=r'student \(2, 2, 17, 17\) vs teacher \(2, 4, 18, 18\)'):
             vit_step(distiller, teacher, student, x)
