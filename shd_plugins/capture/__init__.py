@@ -18,7 +18,9 @@ from .registry import (
     AttentionLayer,
     adapter_for,
     attention_adapters,
+    forward_argument,
     heads_first,
+    is_loaded_instance,
     loaded_class,
     per_head,
     refuse_attention,
@@ -28,6 +30,7 @@ from .registry import (
 
 __all__ = [
     'AttentionAdapter', 'AttentionCapture', 'AttentionLayer', 'CapturedAttention', 'LayerRecorder', 'adapter_for',
-    'attention_adapters', 'find_attention_layers', 'heads_first', 'loaded_class', 'num_prefix_tokens', 'per_head',
+    'attention_adapters', 'find_attention_layers', 'forward_argument', 'heads_first', 'is_loaded_instance',
+    'loaded_class', 'num_prefix_tokens', 'per_head',
     'refuse_attention', 'register_attention_adapter', 'unregister_attention_adapter', 'unwrap_model',
 ]

@@ -118,12 +118,13 @@ class CapturedAttention:
         """The image tokens alone: text rows and columns dropped (the image x image block, rows renormalised)."""
         if self.text is None:
             return self
-        keep = [i for i in range(self.tokens) if not self.text.start <= i < self.text.stop]
-        start, stop = keep[0], keep[-1] + 1
-        if stop - start != len(keep):
+        if self.text.start == 0:  # text first (Flux, CogVideoX)
+            cut = slice(self.text.stop, self.tokens)
+        elif self.text.stop == self.tokens:  # text last (SD3)
+            cut = slice(0, self.text.start)
+        else:
             raise ValueError(f'The image tokens of a joint attention layer must be contiguous, text is {self.text} '
                              f'of {self.tokens} tokens.')
-        cut = slice(start, stop)
         return replace(self, q=self.q[:, :, cut], k=self.k[:, :, cut],
                        v=None if self.v is None else self.v[:, :, cut], text=None, text_out_weight=None,
                        bias=None if self.bias is None else self.bias[..., cut, cut])

@@ -26,15 +26,16 @@ import torch.nn as nn
 from .registry import (
     AttentionAdapter,
     attention_adapters,
+    forward_argument,
     heads_first,
-    loaded_class,
+    is_loaded_instance,
     per_head,
     refuse_attention,
     register_attention_adapter,
 )
 
 __all__ = ['DiffusersAttentionAdapter', 'PROJECTION_PROCESSORS', 'KERNEL_PROCESSORS', 'capture_kernel',
-           'forward_argument', 'SUPPORTED_DIFFUSERS_ATTENTION']
+           'SUPPORTED_DIFFUSERS_ATTENTION']
 
 #: ``Attention`` processors whose q, k are the projection (and q/k norm) outputs: self-attention without RoPE.
 PROJECTION_PROCESSORS = ('AttnProcessor2_0', 'AttnProcessor', 'XFormersAttnProcessor', 'FusedAttnProcessor2_0',
@@ -68,14 +69,6 @@ SUPPORTED_DIFFUSERS_ATTENTION = (
 #: Logit added where a boolean attention mask is False: exp() of it is exactly 0 in float32, and it stays finite
 #: under the loss's temperature (an infinite one would turn 0 * log 0 terms into NaN).
 _MASKED_LOGIT = -1e9
-
-
-def forward_argument(args: tuple, kwargs: dict, index: int, name: str):
-    """A forward's argument given by position or by keyword (blocks are called both ways: gradient checkpointing
-    passes them by position)."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
 
 
 def _tokens(x: torch.Tensor) -> int:
@@ -168,8 +161,7 @@ class DiffusersAttentionAdapter(AttentionAdapter):
     name = 'diffusers'
 
     def claims(self, module: nn.Module) -> bool:
-        cls = loaded_class('diffusers.models.attention_processor', 'Attention')
-        return cls is not None and isinstance(module, cls)
+        return is_loaded_instance(module, 'diffusers.models.attention_processor', 'Attention')
 
     def is_distilled(self, module: nn.Module) -> bool:
         return not module.is_cross_attention
@@ -248,8 +240,7 @@ class _OtherDiffusersAttention(AttentionAdapter):
     name = 'refused:diffusers-other'
 
     def claims(self, module: nn.Module) -> bool:
-        mixin = loaded_class('diffusers.models.attention', 'AttentionModuleMixin')
-        if mixin is None or not isinstance(module, mixin):
+        if not is_loaded_instance(module, 'diffusers.models.attention', 'AttentionModuleMixin'):
             return False
         return not any(adapter.claims(module) for adapter in attention_adapters() if adapter is not self)
 

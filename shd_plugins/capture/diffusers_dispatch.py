@@ -18,18 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .diffusers import SUPPORTED_DIFFUSERS_ATTENTION, capture_kernel, forward_argument
-from .registry import AttentionAdapter, loaded_class, register_attention_adapter
+from .diffusers import SUPPORTED_DIFFUSERS_ATTENTION, capture_kernel
+from .registry import AttentionAdapter, forward_argument, is_loaded_instance, register_attention_adapter
 
 __all__ = ['FluxAttentionAdapter', 'FluxSingleStreamAdapter', 'WanAttentionAdapter']
 
 _FLUX = 'diffusers.models.transformers.transformer_flux'
 _WAN = 'diffusers.models.transformers.transformer_wan'
-
-
-def _instance(module: nn.Module, module_path: str, class_name: str) -> bool:
-    cls = loaded_class(module_path, class_name)
-    return cls is not None and isinstance(module, cls)
 
 
 def _processor_refusal(module: nn.Module, supported: str) -> str | None:
@@ -59,7 +54,7 @@ class FluxAttentionAdapter(AttentionAdapter):
     name = 'diffusers-flux'
 
     def claims(self, module: nn.Module) -> bool:
-        return _instance(module, _FLUX, 'FluxAttention')
+        return is_loaded_instance(module, _FLUX, 'FluxAttention')
 
     def is_distilled(self, module: nn.Module) -> bool:
         return not module.pre_only
@@ -89,7 +84,7 @@ class FluxSingleStreamAdapter(AttentionAdapter):
     name = 'diffusers-flux-single'
 
     def claims(self, module: nn.Module) -> bool:
-        return _instance(module, _FLUX, 'FluxSingleTransformerBlock')
+        return is_loaded_instance(module, _FLUX, 'FluxSingleTransformerBlock')
 
     def refusal(self, module: nn.Module) -> str | None:
         return _processor_refusal(module.attn, 'FluxAttnProcessor')
@@ -111,9 +106,9 @@ class _OtherSingleStreamBlocks(AttentionAdapter):
     name = 'refused:diffusers-single-stream'
 
     def claims(self, module: nn.Module) -> bool:
-        if _instance(module, _FLUX, 'FluxSingleTransformerBlock'):
+        if is_loaded_instance(module, _FLUX, 'FluxSingleTransformerBlock'):
             return False
-        return any(_instance(child, _FLUX, 'FluxAttention') and child.pre_only for child in module.children())
+        return any(is_loaded_instance(child, _FLUX, 'FluxAttention') and child.pre_only for child in module.children())
 
     def refusal(self, module: nn.Module) -> str | None:
         return (f'its single-stream FluxAttention (pre_only: no output projection of its own) is supported only '
@@ -131,7 +126,7 @@ class WanAttentionAdapter(AttentionAdapter):
     name = 'diffusers-wan'
 
     def claims(self, module: nn.Module) -> bool:
-        return _instance(module, _WAN, 'WanAttention')
+        return is_loaded_instance(module, _WAN, 'WanAttention')
 
     def is_distilled(self, module: nn.Module) -> bool:
         return not module.is_cross_attention

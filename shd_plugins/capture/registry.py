@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     'AttentionAdapter', 'AttentionLayer', 'register_attention_adapter', 'unregister_attention_adapter',
-    'attention_adapters', 'adapter_for', 'refuse_attention', 'loaded_class', 'heads_first', 'per_head',
+    'attention_adapters', 'adapter_for', 'refuse_attention', 'loaded_class', 'is_loaded_instance', 'forward_argument',
+    'heads_first', 'per_head',
 ]
 
 
@@ -53,6 +54,20 @@ def loaded_class(module_path: str, name: str) -> type | None:
     """
     module = sys.modules.get(module_path)
     return getattr(module, name, None) if module is not None else None
+
+
+def is_loaded_instance(module: nn.Module, module_path: str, name: str) -> bool:
+    """``isinstance(module, cls)`` for a :func:`loaded_class` (False while its module is not imported)."""
+    cls = loaded_class(module_path, name)
+    return cls is not None and isinstance(module, cls)
+
+
+def forward_argument(args: tuple, kwargs: dict, index: int, name: str, default=None):
+    """A forward's argument given by keyword or by position (modules are called both ways: gradient checkpointing
+    passes a block's arguments by position), or ``default`` when absent; for ``hook_inputs`` records."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
 
 
 def heads_first(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -128,8 +143,7 @@ class _RefusedAttention(AttentionAdapter):
         self.module_path, self.class_name, self.reason = module_path, class_name, reason
 
     def claims(self, module: nn.Module) -> bool:
-        cls = loaded_class(self.module_path, self.class_name)
-        return cls is not None and isinstance(module, cls)
+        return is_loaded_instance(module, self.module_path, self.class_name)
 
     def refusal(self, module: nn.Module) -> str | None:
         return self.reason

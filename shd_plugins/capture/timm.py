@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import AttentionAdapter, heads_first, loaded_class, refuse_attention, register_attention_adapter
+from .registry import (
+    AttentionAdapter,
+    forward_argument,
+    heads_first,
+    loaded_class,
+    refuse_attention,
+    register_attention_adapter,
+)
 
 __all__ = ['TimmAttentionAdapter', 'TimmRopeAttentionAdapter']
 
@@ -60,11 +67,6 @@ class TimmAttentionAdapter(AttentionAdapter):
         return reasons
 
 
-def _call_argument(args: tuple, kwargs: dict, name: str, position: int, default=None):
-    """An argument of ``forward(x, rope=None, attn_mask=None, is_causal=False)`` given by keyword or position."""
-    return kwargs[name] if name in kwargs else args[position] if len(args) > position else default
-
-
 @register_attention_adapter(first=False)
 class TimmRopeAttentionAdapter(TimmAttentionAdapter):
     """timm rotary attention: ``AttentionRope`` (``vit_*_rope*`` incl. mixed RoPE, DeepSeek ViT) and ``EvaAttention``
@@ -90,13 +92,14 @@ class TimmRopeAttentionAdapter(TimmAttentionAdapter):
         call: dict = {}  # this forward's rope and the dtype the forward casts the rotated q/k to (v's)
 
         def read_call(slot, args: tuple, kwargs: dict) -> None:
-            if _call_argument(args, kwargs, 'attn_mask', 2) is not None or _call_argument(
-                    args, kwargs, 'is_causal', 3, False):
+            # forward(x, rope=None, attn_mask=None, is_causal=False)
+            if forward_argument(args, kwargs, 2, 'attn_mask') is not None or forward_argument(
+                    args, kwargs, 3, 'is_causal', False):
                 raise ValueError(
                     f'{type(module).__name__} was called with attn_mask or is_causal while SHD recorded it: the '
                     f'captured maps would leave the mask out. Record unmasked forwards and pass key_mask/query_mask '
                     f'to SHDDistiller.compute_loss instead.')
-            call['rope'] = _call_argument(args, kwargs, 'rope', 1)
+            call['rope'] = forward_argument(args, kwargs, 1, 'rope')
 
         def rotated(x: torch.Tensor) -> torch.Tensor:
             rope = call.get('rope')
