@@ -8,6 +8,8 @@ from timm.layers import set_reentrant_ckpt
 from tiny_models import dit_inputs, tiny_dit, tiny_vit
 
 from shd_plugins import SHDDistiller
+from shd_plugins.core import streamed as streamed_module
+from shd_plugins.core.heads import merge_schedule, num_merges
 from shd_plugins.core.losses import shd_loss
 from shd_plugins.core.merge import merge_heads
 from shd_plugins.core.streamed import streamed_shd_loss
@@ -62,6 +64,16 @@ def assert_agree(dense, streamed):
         assert ((got - want).abs().max() / scale) < 1e-4, 'gradients differ'
 
 
+@pytest.fixture(params=['one chunk', 'mixed chunks', 'chunk per group and sample'])
+def chunking(request, monkeypatch):
+    """The layer in one chunk (what tiny sizes get), chunks of several groups or samples, and one chunk per merge
+    group per sample (what long sequences get); the tests' 10 tokens make 800 elements 8 heads of one sample."""
+    budget = {'one chunk': None, 'mixed chunks': 800, 'chunk per group and sample': 1}[request.param]
+    if budget is not None:
+        monkeypatch.setattr(streamed_module, '_CHUNK_ELEMENTS', budget)
+    return request.param
+
+
 def random_masks(batch, tokens, seed=3):
     gen = torch.Generator().manual_seed(seed)
     query = torch.rand(batch, tokens, generator=gen) > 0.3
@@ -73,7 +85,7 @@ def random_masks(batch, tokens, seed=3):
 @pytest.mark.parametrize('heads', [(6, 3), (9, 3), (16, 6), (4, 4), (5, 1)])
 @pytest.mark.parametrize('grouping', ['progressive', 'balanced'])
 @pytest.mark.parametrize('per_row', [False, True])
-def test_agrees_with_dense_over_schedules(heads, grouping, per_row):
+def test_agrees_with_dense_over_schedules(heads, grouping, per_row, chunking):
     teacher, student = layer_pair(teacher_heads=heads[0], student_heads=heads[1])
     assert_agree(*both(teacher, student, grouping=grouping, per_row=per_row, block_rows=3))
 
@@ -81,14 +93,14 @@ def test_agrees_with_dense_over_schedules(heads, grouping, per_row):
 @pytest.mark.parametrize('merge', ['shd', 'mean', 'select'])
 @pytest.mark.parametrize('temperature', [1.0, 2.0, 0.5])
 @pytest.mark.parametrize('loss', ['kl', 'mse'])
-def test_agrees_with_dense_over_merge_temperature_loss(merge, temperature, loss):
+def test_agrees_with_dense_over_merge_temperature_loss(merge, temperature, loss, chunking):
     teacher, student = layer_pair(teacher_heads=9, student_heads=3)
     assert_agree(*both(teacher, student, merge=merge, temperature=temperature, loss=loss, block_rows=4))
 
 
 @pytest.mark.parametrize('per_row', [False, True])
 @pytest.mark.parametrize('which', ['query', 'key', 'both', 'empty_keys'])
-def test_agrees_with_dense_under_masks(per_row, which):
+def test_agrees_with_dense_under_masks(per_row, which, chunking):
     teacher, student = layer_pair(teacher_heads=16, student_heads=6)
     query, key = random_masks(2, 10)
     if which == 'empty_keys':
@@ -99,7 +111,7 @@ def test_agrees_with_dense_under_masks(per_row, which):
 
 
 @pytest.mark.parametrize('prefix', [1, (2, 1), (0, 1)])
-def test_agrees_with_dense_with_prefix_tokens(prefix):
+def test_agrees_with_dense_with_prefix_tokens(prefix, chunking):
     teacher_prefix, student_prefix = (prefix, prefix) if isinstance(prefix, int) else prefix
     teacher, _ = layer_pair(tokens=10 + teacher_prefix)
     _, student = layer_pair(tokens=10 + student_prefix, seed=1)
@@ -107,12 +119,35 @@ def test_agrees_with_dense_with_prefix_tokens(prefix):
     assert_agree(*both(teacher, student, prefix_tokens=prefix, query_mask=query, key_mask=key, block_rows=4))
 
 
+@pytest.mark.parametrize('heads', [(16, 6), (9, 3), (6, 6), (12, 5)])
+@pytest.mark.parametrize('grouping', ['progressive', 'balanced'])
+@pytest.mark.parametrize('budget', [1, 250, 10 ** 6])
+def test_chunks_tile_the_heads_samples_and_merges(heads, grouping, budget, monkeypatch):
+    monkeypatch.setattr(streamed_module, '_CHUNK_ELEMENTS', budget)
+    schedule = merge_schedule(*heads, grouping)
+    chunks = streamed_module._chunks(schedule, heads[0], batch=3, tokens=5)
+    for sample in range(3):
+        mine = [chunk for chunk in chunks if chunk.batch.start <= sample < chunk.batch.stop]
+        assert [c.student_heads.start for c in mine] == [0] + [c.student_heads.stop for c in mine[:-1]]
+        assert [c.teacher_heads.start for c in mine] == [0] + [c.teacher_heads.stop for c in mine[:-1]]
+        assert mine[-1].student_heads.stop == heads[1] and mine[-1].teacher_heads.stop == heads[0]
+        assert sorted(m for c in mine for m in c.merges) == list(range(num_merges(schedule)))
+        for chunk in mine:  # the sub-schedule reduces the chunk's heads to its student heads
+            assert num_merges(chunk.schedule) == len(chunk.merges)
+            width = chunk.teacher_heads.stop - chunk.teacher_heads.start
+            assert width - len(chunk.merges) == chunk.student_heads.stop - chunk.student_heads.start
+    if budget == 1:
+        assert len(chunks) == 3 * heads[1]
+    if budget == 10 ** 6:
+        assert len(chunks) == 1
+
+
 def test_default_block_is_one_block_at_tiny_sizes_and_agrees():
     teacher, student = layer_pair(teacher_heads=16, student_heads=6)
     assert_agree(*both(teacher, student))
 
 
-def test_float64_inputs_agree_tightly():
+def test_float64_inputs_agree_tightly(chunking):
     teacher, student = layer_pair(dtype=torch.float64, teacher_heads=9, student_heads=3)
     dense, streamed = both(teacher, student, block_rows=3, temperature=2.0)
     torch.testing.assert_close(streamed[0], dense[0], rtol=1e-10, atol=1e-12)
@@ -120,7 +155,7 @@ def test_float64_inputs_agree_tightly():
 
 @pytest.mark.parametrize('merge', ['shd', 'mean'])
 @pytest.mark.parametrize('per_row', [False, True])
-def test_loss_is_zero_when_the_student_matches(merge, per_row):
+def test_loss_is_zero_when_the_student_matches(merge, per_row, chunking):
     # A student whose q k^T * scale equals the logs of the merged targets: q = log T, k = identity (d = T).
     teacher, _ = layer_pair(teacher_heads=9, student_heads=3, tokens=6)
     teacher_logits = logits(teacher['q'], teacher['k'], teacher['scale'])

@@ -244,6 +244,8 @@ def _mix_round(maps: torch.Tensor, round_slots: Sequence[Slot], pair_weights: to
     """
     pair_pos = [i for i, slot in enumerate(round_slots) if len(slot) == 2]
     single_pos = [i for i, slot in enumerate(round_slots) if len(slot) == 1]
+    if not pair_pos:  # only carried groups (a sub-schedule's round)
+        return _take(maps, 1, [slot[0] for slot in round_slots])
     weight = pair_weights.to(maps.dtype)
     weight = weight[..., None, None] if weight.dim() == 2 else weight[..., None]
     first = _take(maps, 1, [round_slots[i][0] for i in pair_pos])
@@ -274,16 +276,8 @@ def _merge_computing_alphas(
         schedule: MergeSchedule,
         per_row: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge round by round, computing each pair's weight from the current (already merged) maps.
-
-    Groups are always contiguous head ranges, so a group's values and Gram blocks are slices; pairs whose
-    groups have equal sizes are batched.
-    """
+    """Merge round by round, computing each pair's weight from the current (already merged) maps (float32)."""
     compute_dtype = torch.promote_types(attn.dtype, torch.float32)
-    maps = attn.to(compute_dtype)
-    values = values.to(compute_dtype)
-    batch, heads, tokens, head_dim = values.shape
-    projections = as_row_projections(out_weight, tokens)
     grams: dict[int, torch.Tensor] = {}
 
     def gram_of(weight: torch.Tensor) -> torch.Tensor:  # (M*d, M*d); block (a, b) is W_O^a W_O^b^T; one per weight
@@ -292,31 +286,80 @@ def _merge_computing_alphas(
             grams[id(weight)] = weight_float.t() @ weight_float
         return grams[id(weight)]
 
-    def group_values(start: int, size: int) -> torch.Tensor:  # (B, N, size*d): V of the merged group
-        return values[:, start:start + size].permute(0, 2, 1, 3).reshape(batch, tokens, size * head_dim)
+    return merge_rounds(attn.to(compute_dtype), values.to(compute_dtype), as_row_projections(out_weight, attn.shape[2]),
+                        gram_of, schedule, per_row)
 
-    def columns(start: int, size: int) -> slice:  # the group's rows/columns in the Gram
-        return slice(start * head_dim, (start + size) * head_dim)
 
-    starts, sizes = list(range(heads)), [1] * heads
-    all_alphas = []
+def group_layouts(schedule: MergeSchedule, heads: int) -> list[tuple[list[int], list[int]]]:
+    """``(starts, sizes)`` of the head groups before each round of ``schedule`` and, last, of the final groups.
+
+    Groups are always contiguous head ranges (a pair merges adjacent ranges), and the final groups are in head order.
+    """
+    layouts, starts, sizes = [], list(range(heads)), [1] * heads
     for round_slots in schedule:
-        pairs = [slot for slot in round_slots if len(slot) == 2]
-        round_alpha = maps.new_empty((batch, len(pairs)) + ((tokens,) if per_row else ()))
-        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for k, (p, q) in enumerate(pairs):
-            buckets[(sizes[p], sizes[q])].append(k)
-        for (size_p, size_q), members in buckets.items():
-            delta = (_take(maps, 1, [pairs[k][0] for k in members])
-                     - _take(maps, 1, [pairs[k][1] for k in members]))  # (B, K, N, N)
-            values_p = torch.stack([group_values(starts[pairs[k][0]], size_p) for k in members], dim=1)
-            values_q = torch.stack([group_values(starts[pairs[k][1]], size_q) for k in members], dim=1)
-            cols = [(columns(starts[pairs[k][0]], size_p), columns(starts[pairs[k][1]], size_q)) for k in members]
-            round_alpha[:, members] = alpha_from_terms(
-                *_row_terms(delta @ values_p, delta @ values_q, projections, gram_of, cols, per_row=per_row))
-        all_alphas.append(round_alpha)
-        maps = _mix_round(maps, round_slots, round_alpha)
+        layouts.append((starts, sizes))
         starts = [starts[slot[0]] for slot in round_slots]
         sizes = [sum(sizes[i] for i in slot) for slot in round_slots]
-    empty = maps.new_empty((batch, 0) + ((tokens,) if per_row else ()))
-    return maps, torch.cat(all_alphas, dim=1) if all_alphas else empty
+    return layouts + [(starts, sizes)]
+
+
+def round_terms(
+        maps: torch.Tensor,
+        values: torch.Tensor,
+        projections: RowProjections,
+        gram_of: Callable[[torch.Tensor], torch.Tensor],
+        round_slots: Sequence[Slot],
+        layout: tuple[list[int], list[int]],
+        *,
+        per_row: bool,
+        start: int = 0,
+) -> torch.Tensor:
+    """The terms ``(|U|^2, |W|^2, <U,W>)`` (3, B, P[, rows]) of a round's P pairs over the query rows
+    [start, start + rows) that ``maps`` (B, G, rows, N) hold; pairs whose groups have equal sizes are batched
+    (one subtraction and two products for all of them)."""
+    starts, sizes = layout
+    batch, _, tokens, head_dim = values.shape
+    pairs = [slot for slot in round_slots if len(slot) == 2]
+    terms = maps.new_empty((3, batch, len(pairs)) + ((maps.shape[2],) if per_row else ()))
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for k, (p, q) in enumerate(pairs):
+        buckets[(sizes[p], sizes[q])].append(k)
+
+    def group_values(first: int, size: int) -> torch.Tensor:  # (B, N, size*d): V of the merged group
+        return values[:, first:first + size].permute(0, 2, 1, 3).reshape(batch, tokens, size * head_dim)
+
+    def columns(first: int, size: int) -> slice:  # the group's rows/columns in the Gram
+        return slice(first * head_dim, (first + size) * head_dim)
+
+    for (size_p, size_q), members in buckets.items():
+        firsts, seconds = [pairs[k][0] for k in members], [pairs[k][1] for k in members]
+        delta = _take(maps, 1, firsts) - _take(maps, 1, seconds)  # (B, K, rows, N)
+        values_p = torch.stack([group_values(starts[p], size_p) for p in firsts], dim=1)
+        values_q = torch.stack([group_values(starts[q], size_q) for q in seconds], dim=1)
+        cols = [(columns(starts[p], size_p), columns(starts[q], size_q)) for p, q in zip(firsts, seconds)]
+        terms[:, :, members] = _row_terms(delta @ values_p, delta @ values_q, projections, gram_of, cols,
+                                          per_row=per_row, start=start)
+    return terms
+
+
+def merge_rounds(
+        maps: torch.Tensor,
+        values: torch.Tensor,
+        projections: RowProjections,
+        gram_of: Callable[[torch.Tensor], torch.Tensor],
+        schedule: MergeSchedule,
+        per_row: bool,
+        start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the maps (B, M, rows, N) of query rows [start, start + rows) round by round, each pair's weight from
+    the current maps: ``(merged, alphas)``. The rows must be all the rows a weight depends on (all of them, or any
+    block with ``per_row``). Shared by the dense merge and the streamed loss (which passes its cached Grams)."""
+    pieces = []
+    for round_slots, layout in zip(schedule, group_layouts(schedule, maps.shape[1])):
+        round_alpha = alpha_from_terms(*round_terms(maps, values, projections, gram_of, round_slots, layout,
+                                                    per_row=per_row, start=start))
+        pieces.append(round_alpha)
+        maps = _mix_round(maps, round_slots, round_alpha)
+    if not pieces:  # M == N: nothing to merge
+        return maps, maps.new_empty((maps.shape[0], 0) + ((maps.shape[2],) if per_row else ()))
+    return maps, torch.cat(pieces, dim=1)
