@@ -3,8 +3,8 @@
 The dense :func:`~shd_plugins.core.losses.shd_loss` takes the score maps of both models, so one distilled layer holds
 B x (M + N) x T^2 floats (and autograd keeps them for backward): at 1024-4096 tokens that is the activation budget.
 Every quantity SHD needs is local to a sample and a merge group, and a sum over query rows, so this module walks a
-layer in chunks (some samples x the teacher heads of some merge groups, whose maps fill about 8 MiB) and, within a
-chunk too large for one block, in blocks of query rows:
+layer in chunks (some samples x the teacher heads of some merge groups, whose maps fill about 8 MiB on CPU) and,
+within a chunk too large for one block, in blocks of query rows:
 
 - Merge weights: a pair's closed-form weight needs ``<U, U>``, ``<W, W>`` and ``<U, W>`` (see
   :mod:`~shd_plugins.core.merge`), each a sum over rows of the block's ``(A_p - A_q) V`` products, so they are
