@@ -26,7 +26,7 @@ from .results import (
     kd_investigation,
     variant_label,
 )
-from .stats import ALPHA
+from .stats import ALPHA, format_p
 
 __all__ = ['measured_compute', 'render_markdown', 'write_evidence']
 
@@ -44,10 +44,6 @@ def measured_compute(records: Sequence[Mapping], checks: Sequence[Mapping]) -> d
             'fid': sum(r.get('eval_seconds', 0.0) for r in records if r['kind'] == 'dit'),
             'total': sum(r['train_seconds'] + r.get('eval_seconds', 0.0) for r in records)
             + sum(c['seconds'] for c in checks)}
-
-
-def _p(p: float | None) -> str:
-    return '-' if p is None else f'{p:.3f}' if p >= 0.001 else f'{p:.1e}'
 
 
 def _cell_title(cell: str) -> str:
@@ -116,7 +112,8 @@ def _comparison_table(r: Mapping) -> list[str]:
             continue
         rows.append([_cell_title(c['cell']), f"{_SHORT[c['variant']]} - {_SHORT[c['baseline']]}",
                      ' '.join(f'{d:+.2f}' for d in c['differences']), f"{c['mean']:+.2f} ± {c['std']:.2f}",
-                     f"{c['better']}/{c['n']}", _p(c['p_t']), _p(c['p_sign']), _p(c.get('p_holm'))])
+                     f"{c['better']}/{c['n']}", format_p(c['p_t'], '-'), format_p(c['p_sign'], '-'),
+                     format_p(c.get('p_holm'), '-')])
     header = ['cell', 'difference', 'per seed', 'mean ± std', 'better', 'p (t)', 'p (sign)', 'p (Holm)']
     return ['## Paired differences', '',
             'Differences are variant minus baseline in the metric (top-1 points: positive is better; FID: negative is '

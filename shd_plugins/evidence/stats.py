@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ['ALPHA', 'sign_test', 'paired_t_test', 'holm', 'paired_comparison', 'comparison_sentence']
+__all__ = ['ALPHA', 'format_p', 'sign_test', 'paired_t_test', 'holm', 'paired_comparison', 'comparison_sentence']
 
 #: The significance level of every verdict.
 ALPHA = 0.05
@@ -87,8 +87,9 @@ def paired_comparison(variant: Mapping[int, float], baseline: Mapping[int, float
             'worse': sum(sign * d < 0 for d in diffs), 'ties': sum(d == 0 for d in diffs)}
 
 
-def _p(p: float | None) -> str:
-    return 'n/a' if p is None else f'{p:.3f}' if p >= 0.001 else f'{p:.1e}'
+def format_p(p: float | None, missing: str = 'n/a') -> str:
+    """A p-value as the report prints it: 3 decimals, or 1 significant digit below 0.001; ``missing`` for None."""
+    return missing if p is None else f'{p:.3f}' if p >= 0.001 else f'{p:.1e}'
 
 
 def comparison_sentence(c: Mapping, variant: str, baseline: str, unit: str, higher_is_better: bool) -> str:
@@ -105,9 +106,9 @@ def comparison_sentence(c: Mapping, variant: str, baseline: str, unit: str, high
     if n == 0:
         return f'{variant} vs {baseline}: no seed has both runs, nothing to compare.'
     numbers = (f"difference {c['mean']:+.2f} ± {c['std']:.2f} {unit} over {n} seed(s), better on {c['better']}/{n}; "
-               f"paired t-test p = {_p(c['p_t'])}, sign test p = {_p(c['p_sign'])}")
+               f"paired t-test p = {format_p(c['p_t'])}, sign test p = {format_p(c['p_sign'])}")
     if c.get('p_holm') is not None:
-        numbers += f", Holm-adjusted p = {_p(c['p_holm'])}"
+        numbers += f", Holm-adjusted p = {format_p(c['p_holm'])}"
     if c['p_t'] is None:
         return f'{variant} vs {baseline}: one seed, no test possible ({numbers}).'
     if c['p_t'] < ALPHA:
